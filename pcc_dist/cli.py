@@ -1,0 +1,72 @@
+"""Console entry points: ``pcc-train``, ``pcc-eval``, ``pcc-data``.
+
+Each parses its arguments, turns configuration mistakes into a readable message with exit code 2,
+and hands over to the module that does the work. Heavy imports (DeepSpeed, transformers) happen
+only after the arguments are known to be valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pcc_dist.config import ConfigError, PccConfig, load_config
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pcc-train",
+        description="Pcc-tuning: stage 1 InfoNCE then stage 2 1 - Pearson r, on DeepSpeed.",
+        epilog="Overrides: section.key=value, e.g. stage2.lr=1e-4 model.mode=lora.",
+    )
+    parser.add_argument("--config", help="YAML recipe (see launchers/configs/).")
+    parser.add_argument("--validate", action="store_true",
+                        help="print the resolved config and exit 0; starts no process group and "
+                             "loads no weights.")
+    # The `deepspeed` launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def resolve_config(config_path: str | None, overrides: list[str]) -> PccConfig | None:
+    """Load the config or print every problem to stderr and return None."""
+    try:
+        return load_config(config_path, overrides)
+    except ConfigError as exc:
+        print(f"pcc-train: {exc}", file=sys.stderr)
+        return None
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``pcc-train --config FILE [--validate] [key=value ...]``."""
+    args = _train_parser().parse_args(argv)
+    cfg = resolve_config(args.config, args.overrides)
+    if cfg is None:
+        return EXIT_CONFIG_ERROR
+    if args.validate:
+        print(cfg.to_yaml(), end="")
+        print("# config OK", file=sys.stderr)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print("pcc-train: the training engine is not built yet (issue 5); only --validate works.",
+          file=sys.stderr)
+    return 1
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """``pcc-eval``: STS7 evaluation, see :mod:`pcc_dist.evaluation`."""
+    from pcc_dist.evaluation import eval_main as run
+
+    return run(argv)
+
+
+def data_main(argv: list[str] | None = None) -> int:
+    """``pcc-data``: data checks such as train/test overlap, see :mod:`pcc_dist.data_cli`."""
+    from pcc_dist.data_cli import data_main as run
+
+    return run(argv)

