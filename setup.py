@@ -5,7 +5,7 @@
 top-level import package of that name.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # Ranges are chosen so that torch==2.13.0 (the CPU build this project is developed on) satisfies
 # every constraint; upper bounds stop a future major release from breaking an install silently.
@@ -49,7 +49,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["pcc_dist", "pcc_dist.losses", "pcc_dist.kernels"],
+    packages=find_packages(include=["pcc_dist", "pcc_dist.*"]) + ["pcc_dist.kernels"],
     package_dir={"pcc_dist.kernels": "kernels"},
     install_requires=CORE,
     extras_require=EXTRAS,

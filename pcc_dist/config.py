@@ -146,11 +146,13 @@ class StageSettings:
     epochs: float = 1.0
     # Stop after this many optimizer steps (None = run the epochs).
     max_steps: int | None = None
-    # Global batch N = micro_batch_size * world_size * gradient_accumulation_steps.
+    # Global batch N: the loss (Pearson r, InfoNCE candidates) is always computed over all N
+    # examples of a step, whatever the world size W. Each rank holds B = N / W of them; there is
+    # no loss-splitting gradient accumulation, because 1 - r over k sub-batches is not the loss
+    # over their union. Memory is bounded by the gradient cache instead.
     global_batch_size: int = 192
-    micro_batch_size: int = 192
     # Gradient-cache chunk C (0 = no cache): embed C examples at a time, so activation memory is
-    # O(C) whatever the micro batch.
+    # O(C) whatever B, and the step is still exact on all N examples.
     gradcache_chunk_size: int = 0
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -162,14 +164,12 @@ class StageSettings:
 
 def _stage1_defaults() -> StageSettings:
     # Paper stage 1: lr 5e-4, warmup 100, 1 epoch, global batch 256, 32 tokens.
-    return StageSettings(data="nli", epochs=1.0, global_batch_size=256, micro_batch_size=256,
-                         max_length=32)
+    return StageSettings(data="nli", epochs=1.0, global_batch_size=256, max_length=32)
 
 
 def _stage2_defaults() -> StageSettings:
     # Paper stage 2: lr 5e-4, warmup 100, 8-10 epochs, global batch 192-240, 64 tokens.
-    return StageSettings(data="stage2", epochs=8.0, global_batch_size=192, micro_batch_size=192,
-                         max_length=64)
+    return StageSettings(data="stage2", epochs=8.0, global_batch_size=192, max_length=64)
 
 
 @dataclass
@@ -438,21 +438,16 @@ def _check_stage(name: str, s: StageSettings, problems: list[str]) -> None:
         bad("epochs", s.epochs, "use a positive number of epochs.")
     if s.max_steps is not None and s.max_steps <= 0:
         bad("max_steps", s.max_steps, "use a positive step count, or null to run the epochs.")
-    for key in ("global_batch_size", "micro_batch_size", "max_length"):
-        if getattr(s, key) <= 0:
-            bad(key, getattr(s, key), "use a positive integer.")
-    if s.micro_batch_size > 0 and s.global_batch_size % s.micro_batch_size:
-        bad("global_batch_size", s.global_batch_size,
-            f"it must be a multiple of micro_batch_size ({s.micro_batch_size}) "
-            "times world size times accumulation steps.")
+    if s.max_length <= 0:
+        bad("max_length", s.max_length, "use a positive integer.")
     if s.global_batch_size < 2:
         bad("global_batch_size", s.global_batch_size,
             "Pearson r and InfoNCE need at least 2 examples per global batch.")
     if s.gradcache_chunk_size < 0:
         bad("gradcache_chunk_size", s.gradcache_chunk_size, "use 0 (off) or a positive chunk.")
-    elif s.gradcache_chunk_size > s.micro_batch_size > 0:
+    elif s.gradcache_chunk_size >= s.global_batch_size >= 2:
         bad("gradcache_chunk_size", s.gradcache_chunk_size,
-            f"a chunk larger than micro_batch_size ({s.micro_batch_size}) caches nothing; "
+            f"a chunk as large as the global batch ({s.global_batch_size}) caches nothing; "
             "lower it or set 0.")
     if not (s.lr > 0 and math.isfinite(s.lr)):
         bad("lr", s.lr, "use a positive learning rate such as 5e-4.")
