@@ -1,0 +1,298 @@
+"""Fused Triton kernels of the cross-rank Pearson loss L = 1 − r(cos(a, b), y).
+
+Forward: :func:`_pearson_fwd_kernel` reads each row of a and b once, writes the cosine xᵢ and the
+row norms, and one float64 partial of [n, Σx, Σy, Σxy, Σx², Σy²] per program; the host adds the
+partials and all-reduces the six sums (the loss's only collective, shared with the torch reference
+through :func:`pcc_dist.losses.reference.pearson_global_stats`). Backward:
+:func:`_pearson_bwd_kernel` writes ∂a, ∂b from the saved global moments, with no communication.
+Math, degenerate cases and the gradient convention are those of
+:class:`pcc_dist.losses.reference.PearsonFunction`, which is the oracle of these kernels.
+
+Importing this module imports Triton (``ImportError`` naming the package when it is missing).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from pcc_dist.kernels import interpreter_enabled, require_triton
+
+from pcc_dist.losses.reference import (
+    DEFAULT_EPS,
+    PearsonOutput,
+    PearsonStats,
+    check_pearson_inputs,
+    pearson_global_stats,
+    resolve_grad_scale,
+)
+
+triton = require_triton()
+import triton.language as tl  # noqa: E402  (after the guarded import that names the missing package)
+
+__all__ = ["PearsonTritonFunction", "pearson_triton"]
+
+# Rows × columns per program: BLOCK_B·BLOCK_D = 4,096 fp32 values (16 KiB of a, 16 KiB of b) in
+# flight per program, the usual size for a row-reduction kernel. Not tuned on a GPU (none here).
+_TILE_ELEMENTS = 4096
+_MAX_BLOCK_D = 1024
+_N_SUMS = 6
+
+
+@triton.jit
+def _pearson_fwd_kernel(
+    a_ptr,
+    b_ptr,
+    y_ptr,
+    x_ptr,
+    norm_a_ptr,
+    norm_b_ptr,
+    partial_ptr,
+    rows,
+    dim,
+    stride_a,
+    stride_b,
+    eps,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_b = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    row_ok = offs_b < rows
+    dot = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    sq_a = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    sq_b = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (offs_d[None, :] < dim)
+        a = tl.load(a_ptr + offs_b[:, None] * stride_a + offs_d[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+        b = tl.load(b_ptr + offs_b[:, None] * stride_b + offs_d[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+        dot += tl.sum(a * b, axis=1)
+        sq_a += tl.sum(a * a, axis=1)
+        sq_b += tl.sum(b * b, axis=1)
+    norm_a = tl.sqrt(sq_a)
+    norm_b = tl.sqrt(sq_b)
+    x = dot / (tl.maximum(norm_a, eps) * tl.maximum(norm_b, eps))
+    tl.store(x_ptr + offs_b, x, mask=row_ok)
+    tl.store(norm_a_ptr + offs_b, norm_a, mask=row_ok)
+    tl.store(norm_b_ptr + offs_b, norm_b, mask=row_ok)
+    # Partial sums in float64 (why: pcc_dist.losses.reference.local_moment_sums).
+    xd = tl.where(row_ok, x, 0.0).to(tl.float64)
+    yd = tl.load(y_ptr + offs_b, mask=row_ok, other=0.0).to(tl.float64)
+    base = partial_ptr + pid * 6
+    tl.store(base + 0, tl.sum(row_ok.to(tl.float64), axis=0))
+    tl.store(base + 1, tl.sum(xd, axis=0))
+    tl.store(base + 2, tl.sum(yd, axis=0))
+    tl.store(base + 3, tl.sum(xd * yd, axis=0))
+    tl.store(base + 4, tl.sum(xd * xd, axis=0))
+    tl.store(base + 5, tl.sum(yd * yd, axis=0))
+
+
+@triton.jit
+def _pearson_bwd_kernel(
+    a_ptr,
+    b_ptr,
+    y_ptr,
+    x_ptr,
+    norm_a_ptr,
+    norm_b_ptr,
+    coef_ptr,
+    grad_a_ptr,
+    grad_b_ptr,
+    rows,
+    dim,
+    stride_a,
+    stride_b,
+    stride_ga,
+    stride_gb,
+    eps,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_b = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    row_ok = offs_b < rows
+    # coef = [α·g, β·g, x̄, ȳ] in float64, g = grad_output·grad_scale: ∂L/∂xᵢ = α(yᵢ−ȳ) + β(xᵢ−x̄).
+    alpha = tl.load(coef_ptr + 0)
+    beta = tl.load(coef_ptr + 1)
+    mean_x = tl.load(coef_ptr + 2)
+    mean_y = tl.load(coef_ptr + 3)
+    x = tl.load(x_ptr + offs_b, mask=row_ok, other=0.0)
+    y = tl.load(y_ptr + offs_b, mask=row_ok, other=0.0).to(tl.float64)
+    dl_dx = (alpha * (y - mean_y) + beta * (x.to(tl.float64) - mean_x)).to(tl.float32)
+    raw_a = tl.load(norm_a_ptr + offs_b, mask=row_ok, other=1.0)
+    raw_b = tl.load(norm_b_ptr + offs_b, mask=row_ok, other=1.0)
+    na = tl.maximum(raw_a, eps)
+    nb = tl.maximum(raw_b, eps)
+    # d(v / max(‖v‖, eps)) has the −x·v/n² term only where the clamp is inactive.
+    cross = dl_dx / (na * nb)
+    self_a = tl.where(raw_a >= eps, -dl_dx * x / (na * na), 0.0)
+    self_b = tl.where(raw_b >= eps, -dl_dx * x / (nb * nb), 0.0)
+    for d0 in range(0, dim, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (offs_d[None, :] < dim)
+        a = tl.load(a_ptr + offs_b[:, None] * stride_a + offs_d[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+        b = tl.load(b_ptr + offs_b[:, None] * stride_b + offs_d[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+        grad_a = b * cross[:, None] + a * self_a[:, None]
+        grad_b = a * cross[:, None] + b * self_b[:, None]
+        tl.store(grad_a_ptr + offs_b[:, None] * stride_ga + offs_d[None, :], grad_a, mask=mask)
+        tl.store(grad_b_ptr + offs_b[:, None] * stride_gb + offs_d[None, :], grad_b, mask=mask)
+
+
+def _blocks(dim: int, block_b: int | None, block_d: int | None) -> tuple[int, int]:
+    for name, value in (("block_b", block_b), ("block_d", block_d)):
+        if value is not None and (value < 1 or value & (value - 1)):
+            raise ValueError(f"{name} must be a power of two, got {value}")
+    bd = block_d or min(max(triton.next_power_of_2(max(dim, 1)), 16), _MAX_BLOCK_D)
+    return block_b or max(1, _TILE_ELEMENTS // bd), bd
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_triton_device(t: torch.Tensor) -> None:
+    """Raise ``RuntimeError`` when Triton cannot run on ``t``'s device."""
+    if t.device.type == "cuda" or (t.device.type == "cpu" and interpreter_enabled()):
+        return
+    raise RuntimeError(
+        "the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1, tests "
+        "only), "
+        f"got {t.device.type} tensors; use kernel='torch'"
+    )
+
+
+class PearsonTritonFunction(torch.autograd.Function):
+    """Triton twin of :class:`pcc_dist.losses.reference.PearsonFunction`; returns ``(loss, r)``."""
+
+    @staticmethod
+    def forward(
+        ctx, a, b, scores, group, grad_scale: float, eps: float, block_b: int, block_d: int
+    ):
+        a, b, scores = _row_major(a), _row_major(b), scores.contiguous()
+        rows, dim = a.shape
+        x = torch.empty(rows, dtype=torch.float32, device=a.device)
+        norm_a, norm_b = torch.empty_like(x), torch.empty_like(x)
+        programs = triton.cdiv(rows, block_b)
+        partial = torch.zeros((max(programs, 1), _N_SUMS), dtype=torch.float64, device=a.device)
+        if rows:
+            _pearson_fwd_kernel[(programs,)](
+                a,
+                b,
+                scores,
+                x,
+                norm_a,
+                norm_b,
+                partial,
+                rows,
+                dim,
+                a.stride(0),
+                b.stride(0),
+                eps,
+                BLOCK_B=block_b,
+                BLOCK_D=block_d,
+            )
+        stats = pearson_global_stats(partial.sum(0), group)
+        ctx.save_for_backward(a, b, scores, x, norm_a, norm_b)
+        ctx.stats, ctx.grad_scale, ctx.eps, ctx.blocks = stats, grad_scale, eps, (block_b, block_d)
+        loss = torch.tensor(1.0 - stats.r, dtype=torch.float32, device=a.device)
+        r = torch.tensor(stats.r, dtype=torch.float32, device=a.device)
+        ctx.mark_non_differentiable(r)
+        return loss, r
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_r):
+        a, b, scores, x, norm_a, norm_b = ctx.saved_tensors
+        stats: PearsonStats = ctx.stats
+        grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
+        rows, dim = a.shape
+        if stats.degenerate or rows == 0:
+            return grad_a, grad_b, None, None, None, None, None, None
+        alpha, beta = stats.x_gradient_coefficients()
+        coef = torch.tensor(
+            [alpha, beta, stats.mean_x, stats.mean_y], dtype=torch.float64, device=a.device
+        )
+        # Fold grad_output·grad_scale into α and β on the device (no host sync on grad_loss).
+        coef[:2] *= grad_loss.double() * ctx.grad_scale
+        block_b, block_d = ctx.blocks
+        _pearson_bwd_kernel[(triton.cdiv(rows, block_b),)](
+            a,
+            b,
+            scores,
+            x,
+            norm_a,
+            norm_b,
+            coef,
+            grad_a,
+            grad_b,
+            rows,
+            dim,
+            a.stride(0),
+            b.stride(0),
+            grad_a.stride(0),
+            grad_b.stride(0),
+            ctx.eps,
+            BLOCK_B=block_b,
+            BLOCK_D=block_d,
+        )
+        return grad_a, grad_b, None, None, None, None, None, None
+
+
+def pearson_triton(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    grad_scale: float | None = None,
+    eps: float = DEFAULT_EPS,
+    block_b: int | None = None,
+    block_d: int | None = None,
+) -> PearsonOutput:
+    """Pcc-tuning loss 1 − r over the global batch with the fused Triton kernels.
+
+    Same contract as :func:`pcc_dist.losses.reference.pearson_reference` (formula, collectives,
+    degenerate cases, gradient convention); computes in fp32 (fp32/bf16/fp16 inputs).
+
+    Args:
+        a: First embedding of each pair on this rank.
+        b: Second embedding of each pair on this rank.
+        scores: Gold similarity of each pair.
+        group: Process group; default group when None.
+        grad_scale: Factor on input gradients; None = W.
+        eps: Norm clamp of the cosine.
+        block_b: Rows per program (power of two); default from D.
+        block_d: Columns per inner step (power of two); default next_pow2(D) capped at 1,024.
+
+    Returns:
+        :class:`~pcc_dist.losses.reference.PearsonOutput` ``(loss, r)``.
+
+    Raises:
+        ValueError: Bad shapes, float64 inputs, or block sizes that are not powers of two.
+        RuntimeError: Tensors on a device Triton cannot run on.
+
+    Shape:
+        - a, b: ``[B, D]``
+        - scores: ``[B]``
+        - loss, r: ``[]``
+
+    References:
+        Pcc-tuning (EMNLP 2024).
+    """
+    check_pearson_inputs(a, b, scores)
+    if torch.float64 in (a.dtype, b.dtype):
+        raise ValueError(
+            "the Triton Pearson kernel computes in fp32; use kernel='torch' for float64 inputs"
+        )
+    check_triton_device(a)
+    scale = resolve_grad_scale(grad_scale, group)
+    bb, bd = _blocks(a.shape[1], block_b, block_d)
+    loss, r = PearsonTritonFunction.apply(a, b, scores, group, scale, eps, bb, bd)
+    return PearsonOutput(loss, r)

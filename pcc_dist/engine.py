@@ -1,0 +1,715 @@
+"""DeepSpeed training engine: process group, JSON with ``"auto"`` fields, optimizer, schedule.
+
+This is the only module of pcc_dist that imports DeepSpeed (lazily, inside functions), so that
+``import pcc_dist`` and everything above the engine work with torch alone.
+
+Three pieces:
+
+* :func:`init_distributed` starts (or joins) the process group: ``gloo`` on CPU, ``nccl`` on CUDA,
+  under ``torchrun``, the ``deepspeed`` launcher or no launcher at all (a 1-rank group on a free
+  port).
+* :func:`resolve_ds_config` reads a DeepSpeed JSON (a path or a built-in name ``zero3``,
+  ``zero3_offload``, ``zero2``) and fills every field the TrainConfig owns. The JSON writes them as
+  ``"auto"``; a hard-coded value that disagrees with the TrainConfig, an ``optimizer`` or
+  ``scheduler`` block, or an ``"auto"`` on a field we do not own is a :class:`ConfigError`.
+* :func:`build_engine` wraps ``deepspeed.initialize`` with a torch AdamW over the trainable
+  parameters, a warmup + decay schedule and the non-finite guard, and returns a
+  :class:`TrainEngine`, the small surface the trainer, the gradient cache and the checkpoint code
+  use.
+
+Fields owned by the TrainConfig (DeepSpeed key <- pcc_dist field):
+
+======================================  ===============================================
+``train_batch_size``                    ``<stage>.global_batch_size`` (N)
+``train_micro_batch_size_per_gpu``      ``N / W`` (W must divide N)
+``gradient_accumulation_steps``         ``1`` (each loss covers the whole global batch)
+``gradient_clipping``                   ``<stage>.grad_clip`` (0 disables clipping)
+``bf16.enabled`` / ``fp16.enabled``     ``model.dtype``
+======================================  ===============================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pcc_dist.config import ConfigError, PccConfig, StageSettings
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_DS_CONFIGS = ("zero3", "zero3_offload", "zero2")
+# The repository root (…/pcc_dist/engine.py -> …): built-in JSONs live in <root>/ds_configs/.
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+# DeepSpeed writes <folder>/<tag>/… and <folder>/latest; one fixed tag per folder, because the
+# checkpoint manager already names folders by step.
+_CHECKPOINT_TAG = "state"
+_CLIENT_KEY = "pcc_client_state"
+_AUTO = "auto"
+
+
+# --------------------------------------------------------------------------------------------
+# Process group
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job.
+
+    Attributes:
+        rank: Global rank in ``[0, world_size)``.
+        world_size: Number of ranks W.
+        local_rank: Rank on this node (selects the CUDA device).
+        backend: ``"gloo"`` (CPU) or ``"nccl"`` (CUDA).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the rank that logs and writes shared files."""
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _import_deepspeed() -> Any:
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ImportError(
+            "the training engine needs DeepSpeed: pip install 'deepspeed>=0.16,<0.20' "
+            "(a core dependency of pcc-dist; reinstall with `pip install -e .`)") from exc
+    return deepspeed
+
+
+def init_distributed() -> DistInfo:
+    """Start the process group, or return the one already running.
+
+    Works under ``torchrun`` and the ``deepspeed`` launcher (both export ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and without a launcher: a plain
+    ``python train.py`` gets a 1-rank group on 127.0.0.1 and a free port, because DeepSpeed needs
+    an initialised group even for W = 1. Idempotent.
+
+    Returns:
+        Rank, world size, local rank and backend of this process.
+    """
+    import torch.distributed as dist
+
+    deepspeed = _import_deepspeed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            # No launcher: a 1-rank group. setdefault keeps a MASTER_ADDR/PORT the user exported.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # auto_mpi_discovery=False: the env vars above are complete, and MPI discovery would
+        # need mpi4py.
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   verbose=False)
+    else:
+        backend = dist.get_backend()
+        # Registers DeepSpeed's communication backend on top of the existing group.
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   verbose=False)
+    info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=backend)
+    logger.debug("process group: %s", info)
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed JSON
+# --------------------------------------------------------------------------------------------
+
+
+def _stage_name(cfg: PccConfig, stage: StageSettings) -> str:
+    for name in ("stage1", "stage2"):
+        if getattr(cfg, name) is stage:
+            return name
+    return "stage"
+
+
+def find_ds_config(spec: str) -> Path:
+    """Resolve ``train.deepspeed_config``: a built-in name or a path.
+
+    Built-in names map to ``<repo>/ds_configs/<name>.json``. A relative path is tried from the
+    working directory first, then from the repository root (so the default
+    ``ds_configs/zero3.json`` works from any directory).
+
+    Raises:
+        ConfigError: when no file is found.
+    """
+    if spec in BUILTIN_DS_CONFIGS:
+        candidates = [_REPO_ROOT / "ds_configs" / f"{spec}.json"]
+    else:
+        path = Path(spec).expanduser()
+        candidates = [path] if path.is_absolute() else [Path.cwd() / path, _REPO_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError([
+        f"train.deepspeed_config: {spec!r} not found (looked at "
+        f"{', '.join(str(c) for c in candidates)}); give the path of a DeepSpeed JSON or a "
+        f"built-in name: {', '.join(BUILTIN_DS_CONFIGS)}."])
+
+
+def _owned_fields(cfg: PccConfig, stage: StageSettings, name: str, world_size: int,
+                  per_rank: int | None) -> list[tuple[str, Any, str]]:
+    """``(dotted DeepSpeed key, value from the TrainConfig, pcc_dist field that sets it)``."""
+    dtype = cfg.model.dtype
+    fields: list[tuple[str, Any, str]] = [
+        ("train_batch_size", stage.global_batch_size, f"{name}.global_batch_size"),
+        # One micro batch per optimizer step: 1 - r over k sub-batches is not 1 - r over their
+        # union, so the loss is never split over accumulation steps (the gradient cache bounds
+        # memory instead).
+        ("gradient_accumulation_steps", 1,
+         f"{name}.global_batch_size (pcc_dist never accumulates: each loss covers the whole "
+         f"global batch; bound memory with {name}.gradcache_chunk_size)"),
+        ("gradient_clipping", float(stage.grad_clip), f"{name}.grad_clip"),
+        ("bf16.enabled", dtype == "bf16", f"model.dtype ({dtype!r})"),
+        ("fp16.enabled", dtype == "fp16", f"model.dtype ({dtype!r})"),
+    ]
+    if per_rank is not None:
+        fields.insert(1, ("train_micro_batch_size_per_gpu", per_rank,
+                          f"{name}.global_batch_size / world size {world_size}"))
+    return fields
+
+
+def _per_rank_batch(stage: StageSettings, name: str, world_size: int,
+                    problems: list[str]) -> int | None:
+    """B = N / W, or None after recording a problem when W does not divide N."""
+    n = stage.global_batch_size
+    if world_size >= 1 and n % world_size == 0 and n >= world_size:
+        return n // world_size
+    lower = (n // world_size) * world_size
+    options = " or ".join(str(v) for v in (lower, lower + world_size) if v > 0)
+    problems.append(
+        f"{name}.global_batch_size: {n} does not split evenly over world size {world_size} "
+        f"(every rank must hold the same number of examples, for the cross-rank losses and "
+        f"ZeRO's collectives); use a multiple of {world_size} ({options}).")
+    return None
+
+
+def _get_dotted(tree: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _same(json_value: Any, ours: Any) -> bool:
+    if isinstance(ours, bool):
+        return json_value is ours
+    if isinstance(json_value, bool) or not isinstance(json_value, (int, float)):
+        return False
+    return math.isclose(float(json_value), float(ours), rel_tol=1e-12, abs_tol=0.0)
+
+
+def _find_autos(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        out: list[str] = []
+        for key, value in node.items():
+            out += _find_autos(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return [prefix] if node == _AUTO else []
+
+
+def resolve_ds_config(cfg: PccConfig, stage: StageSettings, world_size: int) -> dict[str, Any]:
+    """Load the DeepSpeed JSON of ``cfg.train.deepspeed_config`` and fill its ``"auto"`` fields.
+
+    Each rank holds B = N / W examples of the global batch N and there is no accumulation
+    (A = 1): the loss of a step is one Pearson r / InfoNCE over all N examples, and splitting it
+    over A micro steps would change the loss (1 - r over 4 batches of 64 is not 1 - r over 256).
+    N must be a multiple of W (e.g. N = 256 on W = 3 is an error: 85.33 per rank).
+
+    Args:
+        cfg: The run config.
+        stage: ``cfg.stage1`` or ``cfg.stage2``.
+        world_size: Number of ranks W.
+
+    Returns:
+        The config dict to hand to ``deepspeed.initialize``.
+
+    Raises:
+        ConfigError: every problem at once: a file that is missing or not JSON; a batch size that
+            does not split evenly over the ranks; a hard-coded owned value that conflicts
+            with the TrainConfig (names file, key and both values); an ``optimizer`` or
+            ``scheduler`` block; ``"auto"`` on a key pcc_dist does not fill; settings that
+            disable the non-finite guard.
+    """
+    path = find_ds_config(cfg.train.deepspeed_config)
+    name = _stage_name(cfg, stage)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"train.deepspeed_config: {path} is not valid JSON ({exc})."]) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError([f"train.deepspeed_config: {path} must hold a JSON object, got "
+                           f"{type(raw).__name__}."])
+    ds = json.loads(json.dumps(raw))  # deep copy; the caller may keep `raw`
+    if "bfloat16" in ds and "bf16" not in ds:  # DeepSpeed's older spelling of the same section
+        ds["bf16"] = ds.pop("bfloat16")
+
+    problems: list[str] = []
+    for block, owner in (("optimizer", f"train.optimizer and {name}.lr / {name}.weight_decay"),
+                         ("scheduler", f"{name}.warmup_steps / {name}.schedule")):
+        if block in ds:
+            problems.append(f"{path}: has a \"{block}\" block, but pcc_dist builds the {block} "
+                            f"itself from {owner}; delete the block from the JSON.")
+    for section in ("bf16", "fp16"):
+        if section in ds and not isinstance(ds[section], dict):
+            problems.append(f"{path}: \"{section}\" must be an object like "
+                            f"{{\"enabled\": \"auto\"}}, got {ds[section]!r}.")
+            ds.pop(section)
+
+    per_rank = _per_rank_batch(stage, name, world_size, problems)
+    owned = _owned_fields(cfg, stage, name, world_size, per_rank)
+    owned_keys = {key for key, _, _ in owned} | {"train_micro_batch_size_per_gpu"}
+    for key, ours, field in owned:
+        present, value = _get_dotted(ds, key)
+        if not present or value == _AUTO:
+            _set_dotted(ds, key, ours)
+        elif not _same(value, ours):
+            problems.append(
+                f"{path}: \"{key}\" is {json.dumps(value)} but the TrainConfig gives {ours!r} "
+                f"(from {field}); write \"auto\" in the JSON so pcc_dist fills it, or change "
+                f"{field.split(' ')[0]}.")
+    for key in _find_autos(ds):
+        if key not in owned_keys:
+            problems.append(f"{path}: \"{key}\" is \"auto\", but pcc_dist fills only "
+                            f"{', '.join(sorted(owned_keys))}; give a value or delete the key "
+                            "to use DeepSpeed's default.")
+
+    # The non-finite guard (TrainEngine.step) relies on DeepSpeed skipping any step whose global
+    # gradient norm is inf/NaN, on every rank; these two settings turn that off.
+    if ds.get("bf16", {}).get("enabled") and ds["bf16"].get("check_grad_overflow") is False:
+        problems.append(f"{path}: \"bf16.check_grad_overflow\" is false, which lets a step with a "
+                        "NaN/inf gradient update the weights; delete it (default true).")
+    zero = ds.get("zero_optimization", {})
+    if isinstance(zero, dict) and zero.get("compute_grad_norm") is False:
+        problems.append(f"{path}: \"zero_optimization.compute_grad_norm\" is false, which "
+                        "disables the NaN/inf step guard and grad-norm logging; delete it.")
+    offload = isinstance(zero, dict) and any(
+        isinstance(zero.get(k), dict) and zero[k].get("device") in ("cpu", "nvme")
+        for k in ("offload_optimizer",))
+    if offload and cfg.train.optimizer == "adamw_torch":
+        # DeepSpeed refuses a torch optimizer with optimizer offload unless told otherwise; a
+        # torch AdamW on CPU is slower than DeepSpeedCPUAdam but needs no compiled op.
+        if ds.get("zero_force_ds_cpu_optimizer") is True:
+            problems.append(f"{path}: \"zero_force_ds_cpu_optimizer\" is true with "
+                            "train.optimizer='adamw_torch'; set train.optimizer=adamw_deepspeed "
+                            "or delete the key.")
+        ds["zero_force_ds_cpu_optimizer"] = False
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    logger.debug("resolved DeepSpeed config from %s: %s", path, ds)
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------------
+
+
+class WarmupDecay:
+    """Multiplier of the peak learning rate for optimizer step ``s`` (0-based), for LambdaLR.
+
+    Warmup ramps linearly over ``warmup`` steps, ``(s + 1) / warmup``, so the first update
+    already moves (lr/100 with the paper's 100 warmup steps) and step ``warmup - 1`` is at the
+    peak. Then ``linear`` decays to 0 at ``total`` steps, ``cosine`` follows half a cosine to 0,
+    ``constant`` stays at 1. A callable object (not a lambda) so that LambdaLR's state_dict, and
+    therefore a checkpoint, records its settings.
+
+    Args:
+        warmup: Warmup steps.
+        total: Optimizer steps in the stage.
+        schedule: ``"linear"``, ``"cosine"`` or ``"constant"``.
+    """
+
+    def __init__(self, warmup: int, total: int, schedule: str):
+        if schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"schedule must be linear, cosine or constant, got {schedule!r}")
+        self.warmup = int(warmup)
+        self.total = max(int(total), 1)
+        self.schedule = schedule
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return 1.0
+        span = max(self.total - self.warmup, 1)
+        progress = min((step - self.warmup) / span, 1.0)
+        if self.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _param_shape(param: nn.Parameter) -> torch.Size:
+    # Under deepspeed.zero.Init the local tensor is an empty partition; ds_shape is the real one.
+    return getattr(param, "ds_shape", param.shape)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters only; no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (decay if len(_param_shape(param)) >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameter (requires_grad=True); for LoRA "
+                         "check model.lora.target_modules")
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _build_optimizer(model: nn.Module, cfg: PccConfig, stage: StageSettings,
+                     ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+    groups = _param_groups(model, stage.weight_decay)
+    if cfg.train.optimizer == "adamw_torch":
+        return torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.999), eps=1e-8)
+    zero = ds_config.get("zero_optimization", {})
+    offload = isinstance(zero.get("offload_optimizer"), dict) and \
+        zero["offload_optimizer"].get("device") in ("cpu", "nvme")
+    # DeepSpeed's Adam compiles a C++/CUDA op on first use (about a minute on CPU).
+    if offload or not torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=stage.lr, adamw_mode=True)
+    from deepspeed.ops.adam import FusedAdam
+
+    return FusedAdam(groups, lr=stage.lr, adam_w_mode=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Outcome of one optimizer step.
+
+    Attributes:
+        grad_norm: Global L2 norm of the gradient before clipping (inf when skipped, nan when
+            DeepSpeed did not compute it).
+        skipped: True when the step was skipped on every rank (a non-finite loss or gradient
+            norm on any rank); weights, optimizer and schedule did not move.
+        lr: Learning rate this step used (of the first parameter group).
+    """
+
+    grad_norm: float
+    skipped: bool
+    lr: float
+
+
+class TrainEngine:
+    """The training surface over a ``deepspeed.DeepSpeedEngine``.
+
+    One optimizer step is: for each of ``grad_accum_steps`` micro batches, forward through the
+    engine (``engine(**batch)``) and call :meth:`backward` one or more times, the last time with
+    ``boundary=True``; then :meth:`step` once.
+
+    Several backward calls per micro batch (the gradient cache) use DeepSpeed's supported
+    multi-backward path: before every backward we call
+    ``DeepSpeedEngine.set_gradient_accumulation_boundary(b)`` with ``b`` True only for the last
+    backward of the last micro batch. Under ZeRO-3 each backward reduce-scatters its gradient
+    into this rank's partition and accumulates there (``micro_step_id > 0``); under ZeRO-1/2 a
+    non-boundary backward accumulates instead of resetting the partition buffer. ``no_sync()``
+    is no alternative: it asserts on ZeRO-2/3. ``coalesce_grad_reduction()`` (in 0.19.8: one
+    reduction per step instead of one per backward) is not used either: it keeps every
+    gradient whole and unpartitioned on each rank until the flush, which gives back the memory
+    ZeRO-3 saves (28 GB of fp32 gradients for a 7B model).
+
+    Args:
+        ds_engine: The DeepSpeed engine.
+        ds_config: The resolved DeepSpeed config.
+        dist_info: This process's place in the job.
+
+    Attributes:
+        module: The wrapped model (the nn.Module; call the engine itself to run a forward).
+        world_size: W.
+        rank: This rank.
+        grad_accum_steps: Micro batches per optimizer step.
+        ds_config: The resolved DeepSpeed config (for logging).
+    """
+
+    def __init__(self, ds_engine: Any, ds_config: dict[str, Any], dist_info: DistInfo):
+        self._ds = ds_engine
+        self.ds_config = ds_config
+        self.world_size = dist_info.world_size
+        self.rank = dist_info.rank
+        self.grad_accum_steps = int(ds_engine.gradient_accumulation_steps())
+        self.zero_stage = int(ds_engine.zero_optimization_stage())
+        self._micro_done = 0  # micro batches closed (boundary=True) since the last step
+        self._grad_forwards = 0  # engine forwards with autograd since the last backward
+        self._has_frozen = any(not p.requires_grad for p in self.module.parameters())
+
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped model."""
+        return self._ds.module
+
+    @property
+    def deepspeed_engine(self) -> Any:
+        """The underlying ``DeepSpeedEngine`` (for tests and diagnostics)."""
+        return self._ds
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward through DeepSpeed.
+
+        A backward needs it: ``DeepSpeedEngine.forward`` registers the hooks that open the ZeRO
+        backward and advances ZeRO-3's ``micro_step_id``, which decides whether a backward
+        overwrites (first) or accumulates into the gradient partition. A raw ``module(...)``
+        forward followed by a second backward would silently overwrite the first one's gradient.
+        """
+        if torch.is_grad_enabled():
+            self._grad_forwards += 1
+        return self._ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor, *, boundary: bool,
+                 loss_value: float | None = None) -> None:
+        """Back-propagate ``loss`` into the (partitioned) gradients.
+
+        Scaling: DeepSpeed divides every backward by ``grad_accum_steps`` A (``scale_wrt_gas``).
+        Division is linear, so several backward calls for one micro batch (chunks k = 1..K whose
+        gradients g_k sum to the micro batch's g) still add up to Σ g_k / A = g / A, i.e. the
+        division is effectively applied once per micro batch. Example: A = 2, K = 4 chunks with
+        g_k = 1 each -> each call contributes 0.5, the micro batch 2.0 = 4 / 2. pcc_dist runs
+        A = 1 (see :func:`resolve_ds_config`), where the division is the identity. Averaging over
+        W ranks happens in DeepSpeed's reduce-scatter; the losses pre-scale by W for it.
+
+        Args:
+            loss: Scalar with autograd history, produced after an engine forward.
+            boundary: True for the last backward of this micro batch.
+            loss_value: The value of the real loss when ``loss`` is a surrogate (the gradient
+                cache back-propagates ``<embedding, cached gradient>``); defaults to
+                ``loss.item()``. A non-finite value makes this rank's gradient NaN so that
+                DeepSpeed's global norm check skips the step on every rank.
+
+        Raises:
+            RuntimeError: when no forward went through the engine since the last backward, or
+                when more micro batches close than the accumulation expects.
+        """
+        if self._grad_forwards == 0:
+            raise RuntimeError(
+                "TrainEngine.backward: no forward with autograd went through the engine since "
+                "the last backward; run the model as engine(**batch), not engine.module(...), "
+                "or ZeRO-3 overwrites instead of accumulating the gradient.")
+        if self._micro_done >= self.grad_accum_steps:
+            raise RuntimeError(
+                f"TrainEngine.backward: {self._micro_done} micro batches already closed and "
+                f"grad_accum_steps is {self.grad_accum_steps}; call step() first.")
+        value = float(loss.detach().float().item()) if loss_value is None else float(loss_value)
+        if not math.isfinite(value):
+            # A non-finite loss with finite gradients would otherwise update the weights. NaN
+            # gradients flow through DeepSpeed's reduce-scatter into every rank's partition and
+            # its all-reduced global norm, so every rank skips the same step.
+            logger.warning("rank %d: non-finite loss %s; the step will be skipped on every rank",
+                           self.rank, value)
+            loss = loss * float("nan")
+        last = boundary and self._micro_done + 1 == self.grad_accum_steps
+        self._ds.set_gradient_accumulation_boundary(last)
+        self._ds.backward(loss)
+        self._grad_forwards = 0
+        if boundary:
+            self._micro_done += 1
+
+    def step(self) -> StepResult:
+        """Apply the optimizer step (or skip it on every rank) and advance the schedule.
+
+        Non-finite guard: DeepSpeed 0.19 computes the global gradient norm (an all-reduce, so
+        every rank sees the same number) before updating; an inf/NaN norm makes every rank skip
+        the update, the schedule and zero the gradients (``was_step_applied()`` is False). A
+        non-finite loss on any rank is turned into NaN gradients in :meth:`backward`, so it
+        takes the same path.
+
+        Returns:
+            Gradient norm, whether the step was skipped, and the learning rate it used.
+
+        Raises:
+            RuntimeError: when fewer micro batches than ``grad_accum_steps`` were closed.
+        """
+        if self._micro_done != self.grad_accum_steps:
+            raise RuntimeError(
+                f"TrainEngine.step: {self._micro_done} of {self.grad_accum_steps} micro batches "
+                "were back-propagated with boundary=True; the accumulation is incomplete.")
+        lr = float(self._ds.get_lr()[0])
+        self._ds.step()
+        self._micro_done = 0
+        norm = self._ds.get_global_grad_norm()
+        grad_norm = float("nan") if norm is None else float(norm)
+        skipped = not self._ds.was_step_applied()
+        return StepResult(grad_norm=grad_norm, skipped=skipped, lr=lr)
+
+    def zero_grad(self) -> None:
+        """Drop every accumulated gradient; the next backward starts a fresh step."""
+        self._ds.zero_grad()
+        optimizer = getattr(self._ds, "optimizer", None)
+        if optimizer is not None and hasattr(optimizer, "zero_grad"):
+            # ZeRO-3 keeps partitioned gradients outside param.grad; its zero_grad resets
+            # micro_step_id so the next backward overwrites them instead of adding.
+            optimizer.zero_grad()
+        self._micro_done = 0
+        self._grad_forwards = 0
+
+    def train(self) -> None:
+        """Training mode (dropout on)."""
+        self._ds.train()
+
+    def eval(self) -> None:
+        """Evaluation mode (dropout off)."""
+        self._ds.eval()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, folder: str | os.PathLike, client_state: dict | None = None) -> None:
+        """Write DeepSpeed's checkpoint (model, optimizer and scheduler shards) into ``folder``.
+
+        A collective call: every rank must call it. Models with frozen parameters (LoRA, QLoRA)
+        leave the frozen base out, so only adapters and their optimizer state are written.
+
+        Args:
+            folder: Target folder (created); the checkpoint manager renames it atomically.
+            client_state: Small picklable dict stored with the model states.
+        """
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        # Nested under one key: DeepSpeed returns its own bookkeeping (param_shapes, ds_config,
+        # ...) mixed into the client state on load, and we hand back only what the caller saved.
+        self._ds.save_checkpoint(str(folder), tag=_CHECKPOINT_TAG,
+                                 client_state={_CLIENT_KEY: dict(client_state or {})},
+                                 save_latest=True, exclude_frozen_parameters=self._has_frozen)
+
+    def load_checkpoint(self, folder: str | os.PathLike, *, module_only: bool = False) -> dict:
+        """Restore a checkpoint written by :meth:`save_checkpoint`.
+
+        Under ZeRO-3 call it on a freshly built engine (DeepSpeed needs unmodified partitions).
+
+        Args:
+            folder: The folder given to :meth:`save_checkpoint`.
+            module_only: Load weights only (start a new stage from the previous stage's
+                weights, with a fresh optimizer and schedule).
+
+        Returns:
+            The ``client_state`` saved with it.
+
+        Raises:
+            FileNotFoundError: when the folder holds no DeepSpeed checkpoint.
+        """
+        if not (Path(folder) / _CHECKPOINT_TAG).is_dir():
+            raise FileNotFoundError(f"{folder} holds no engine checkpoint (no "
+                                    f"{_CHECKPOINT_TAG}/ folder); pass a folder written by "
+                                    "TrainEngine.save_checkpoint")
+        load_path, client_state = self._ds.load_checkpoint(
+            str(folder), tag=_CHECKPOINT_TAG, load_module_strict=not self._has_frozen,
+            load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only,
+            load_module_only=module_only)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load a checkpoint from {folder}")
+        return dict((client_state or {}).get(_CLIENT_KEY, {}))
+
+    def gathered_state_dict(self, *, trainable_only: bool | None = None,
+                            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The full state dict on rank 0 (empty dict elsewhere), for export.
+
+        Under ZeRO-3 each parameter is gathered in turn (``deepspeed.zero.GatheredParameters``),
+        so peak extra memory is one parameter, not the model. A collective call on every rank.
+
+        Args:
+            trainable_only: Only parameters with ``requires_grad`` (LoRA adapters). Default: True
+                when the model has frozen parameters, else False.
+            dtype: Cast floating tensors to this dtype (e.g. ``torch.bfloat16``).
+
+        Returns:
+            ``{state_dict key: CPU tensor}`` on rank 0; ``{}`` on other ranks.
+        """
+        deepspeed = _import_deepspeed()
+        if trainable_only is None:
+            trainable_only = self._has_frozen
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self.module.state_dict(keep_vars=True).items():
+            is_param = isinstance(value, nn.Parameter)
+            if trainable_only and not (is_param and value.requires_grad):
+                continue
+            if is_param and hasattr(value, "ds_id"):
+                with deepspeed.zero.GatheredParameters([value], modifier_rank=None):
+                    tensor = value.detach().to("cpu", copy=True) if self.rank == 0 else None
+            else:
+                tensor = value.detach().to("cpu", copy=True) if self.rank == 0 else None
+            if tensor is not None:
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                out[key] = tensor
+        return out
+
+
+def build_engine(model: nn.Module, cfg: PccConfig, stage: StageSettings,
+                 total_steps: int) -> TrainEngine:
+    """Wrap ``model`` in DeepSpeed for one training stage.
+
+    Args:
+        model: The embedder (full model or with LoRA adapters); frozen parameters are not
+            optimised.
+        cfg: The run config (``train.deepspeed_config``, ``train.optimizer``, ``model.dtype``).
+        stage: ``cfg.stage1`` or ``cfg.stage2`` (batch sizes, lr, weight decay, warmup,
+            schedule, grad_clip).
+        total_steps: Optimizer steps of the stage (the decay reaches 0 there).
+
+    Returns:
+        The engine; the process group is started if needed.
+
+    Raises:
+        ConfigError: when the DeepSpeed JSON does not fit the TrainConfig.
+    """
+    info = init_distributed()
+    ds_config = resolve_ds_config(cfg, stage, info.world_size)
+    deepspeed = _import_deepspeed()
+    optimizer = _build_optimizer(model, cfg, stage, ds_config)
+    factor = WarmupDecay(stage.warmup_steps, total_steps, stage.schedule)
+
+    def make_scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                              lr_scheduler=make_scheduler, config=ds_config,
+                                              dist_init_required=False)
+    engine = TrainEngine(ds_engine, ds_config, info)
+    if info.is_main:
+        logger.info("engine: ZeRO stage %d, W=%d, %d examples per rank, optimizer %s, %s "
+                    "schedule over %d steps (warmup %d)", engine.zero_stage, info.world_size,
+                    ds_config["train_micro_batch_size_per_gpu"], type(optimizer).__name__,
+                    stage.schedule, total_steps, stage.warmup_steps)
+    return engine

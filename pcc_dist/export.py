@@ -1,0 +1,474 @@
+"""Export trained embedders: LoRA adapter alone, merged full model, sentence-transformers folder.
+
+All three read a run folder (``pcc_embedder.json`` layout, see :mod:`pcc_dist.modeling`) or an
+in-memory :class:`~pcc_dist.modeling.Embedder`, and write a new folder:
+
+``adapter``
+    peft's ``adapter_config.json`` + ``adapter_model.safetensors`` (what
+    ``PeftModel.from_pretrained`` loads onto the base named in ``base_model_name_or_path``), plus
+    ``pcc_embedder.json`` for the prompt/pooling it was trained with.
+``merged``
+    A plain Hugging Face model folder (``AutoModel.from_pretrained`` loads it, no peft needed) and a
+    ``pcc_embedder.json`` with ``mode: "full"``, so pcc_dist loads it as a run folder too. A QLoRA
+    base is first **dequantised** from its NF4 weights and the adapter is merged into those, so the
+    merged model computes what the trained model computed (merging into the original full-precision
+    base would not: the adapter was fitted to the quantised weights). ``quantization="none"`` merges
+    into the original base instead (logged).
+``sentence-transformers``
+    The merged folder plus sentence-transformers' module files, so that
+    ``SentenceTransformer(path).encode(sentences)`` reproduces :meth:`Embedder.encode`. Standard
+    modules only, no ``trust_remote_code``:
+
+    * ``Transformer`` + ``Pooling`` (``lasttoken`` for decoders, ``mean``/``cls`` for encoders), no
+      ``Normalize`` (our embeddings are raw; cosine similarity is unaffected).
+    * The prompt wraps the sentence (PromptEOL has a prefix *and* a suffix), while
+      sentence-transformers' ``prompts`` are prefix-only. sentence-transformers 6 renders any
+      tokenizer that has a ``chat_template`` through it (the "message" modality): the export writes
+      a chat template that renders ``<special prefix>`` + template prefix + sentence + template
+      suffix, with no role markup. When truncation cuts a long input, sentence-transformers restores
+      the template's tail tokens (``restore_suffix``), matching our rule that the sentence, not the
+      prompt, is cut. The export checks on probe sentences that the chat-template path produces
+      exactly our token ids.
+    * Decoder tokenizers are saved with ``padding_side="right"``: sentence-transformers does not
+      pass position ids, so left padding would shift learned absolute positions (OPT) of shorter
+      rows; with right padding positions are 0..n-1 as when embedding alone, causal attention keeps
+      pads invisible, and ``lasttoken`` pooling finds the last real token from the mask.
+    * ``max_seq_length`` = our sentence limit + the template/special-token overhead.
+
+    Needs sentence-transformers >= 6 to load (older releases ignore the chat template and would
+    embed the bare sentence). A sentence longer than the limit is cut at a token boundary by
+    sentence-transformers but at the same token's character boundary and re-tokenised by pcc_dist;
+    the two agree on the tested tokenizers (SmolLM2's BPE, word-level) and could differ slightly
+    where re-tokenisation merges differently.
+
+The console script ``pcc-export`` calls :func:`export_main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pcc_dist.modeling import (
+    ADAPTER_DIR,
+    DTYPES,
+    QUANTIZATION_CHOICES,
+    RUN_CONFIG_NAME,
+    Embedder,
+    ModelError,
+    _load_backbone,
+    _Settings,
+    load_embedder_from_run,
+    read_run_config,
+    resolve_model_source,
+    save_embedder,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("adapter", "merged", "sentence-transformers")
+
+# Probe sentences for the chat-template check: quotes, punctuation, digits and spacing, the places
+# where tokenising the template and the sentence together could differ.
+PROBES = (
+    "A man is playing a guitar.",
+    'She said "hi" twice , then left .',
+    "  leading and trailing spaces  ",
+    "3.5 % of 1,000 people (roughly) agree!",
+    "",
+)
+
+
+class ExportError(ModelError):
+    """An export that cannot be written faithfully; the message says why and what to do."""
+
+
+def _run_dir(source: str | os.PathLike | Embedder, tmp: Path) -> Path:
+    """A run folder for ``source``: the folder itself, or an in-memory Embedder saved to ``tmp``."""
+    if isinstance(source, Embedder):
+        return save_embedder(source, tmp / "run")
+    path = Path(source)
+    read_run_config(path)
+    return path
+
+
+def _write_meta(out: Path, meta: dict[str, Any]) -> None:
+    (out / RUN_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def export_adapter(source: str | os.PathLike | Embedder, out_dir: str | os.PathLike) -> Path:
+    """Write the LoRA adapter alone (peft format) plus ``pcc_embedder.json``.
+
+    Raises:
+        ExportError: the run is a full fine-tune (it has no adapter).
+    """
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _run_dir(source, Path(tmp))
+        meta = read_run_config(run)
+        if meta["mode"] == "full":
+            raise ExportError(
+                f"{run}: mode='full' has no LoRA adapter to export; use --format merged or "
+                "--format sentence-transformers."
+            )
+        shutil.copytree(run / ADAPTER_DIR, out, dirs_exist_ok=True)
+        _write_meta(out, meta)
+    logger.info("exported the %s adapter to %s", meta["mode"], out)
+    return out
+
+
+def _merged_backbone(
+    run: Path, meta: dict[str, Any], quantization: str, dtype: str
+) -> torch.nn.Module:
+    """The run's backbone with the adapter merged into (dequantised) base weights, in ``dtype``."""
+    if quantization not in QUANTIZATION_CHOICES:
+        raise ExportError(
+            f"quantization={quantization!r} is not one of {list(QUANTIZATION_CHOICES)}."
+        )
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype={dtype!r} is not one of {list(DTYPES)}.")
+    settings = _Settings.from_config({"dtype": dtype, "attn_implementation": "sdpa"})
+    if meta["mode"] == "full":
+        return _load_backbone(str(run), None, settings, quantize=False, attn="sdpa")
+
+    import peft
+
+    base_meta = meta["base_model"]
+    source, gguf_file = resolve_model_source(base_meta["name_or_path"], base_meta.get("gguf_file"))
+    quant = meta.get("quantization")
+    if quant and quantization == "as_trained":
+        settings = _Settings.from_config(
+            {
+                "dtype": meta.get("dtype", "fp32"),
+                "mode": "qlora",
+                "attn_implementation": "sdpa",
+                "qlora": {
+                    "compute_dtype": quant.get("compute_dtype", "bf16"),
+                    "double_quant": quant.get("double_quant", True),
+                    "quant_storage_dtype": quant.get("quant_storage_dtype", "auto"),
+                },
+            }
+        )
+        base = _load_backbone(source, gguf_file, settings, quantize=True, attn="sdpa")
+        # NF4 -> float with the exact values the trained model multiplied with.
+        base = base.dequantize(dtype=DTYPES[dtype])
+        logger.info("dequantised the NF4 base to %s before merging", dtype)
+    else:
+        if quant:
+            logger.warning(
+                "merging the adapter of a QLoRA run into the original full-precision base "
+                "(quantization='none'); the merged model differs from the trained one"
+            )
+        base = _load_backbone(source, gguf_file, settings, quantize=False, attn="sdpa")
+    model = peft.PeftModel.from_pretrained(base, str(run / ADAPTER_DIR))
+    merged = model.merge_and_unload()
+    return merged.to(DTYPES[dtype])
+
+
+def export_merged(
+    source: str | os.PathLike | Embedder,
+    out_dir: str | os.PathLike,
+    *,
+    quantization: str = "as_trained",
+    dtype: str = "fp32",
+) -> Path:
+    """Write a merged full model (HF folder + tokenizer + ``pcc_embedder.json`` with mode "full").
+
+    Args:
+        source: run folder or Embedder.
+        out_dir: target folder.
+        quantization: ``"as_trained"`` merges into the dequantised NF4 base of a QLoRA run;
+            ``"none"`` into the original full-precision base.
+        dtype: weight dtype of the merged model (default fp32, "full precision").
+    """
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _run_dir(source, Path(tmp))
+        meta = read_run_config(run)
+        model = _merged_backbone(run, meta, quantization, dtype)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(run)).save_pretrained(out)
+        merged_meta = dict(meta)
+        merged_meta.update(
+            mode="full",
+            dtype=dtype,
+            quantization=None,
+            lora=None,
+            merged_from={
+                "mode": meta["mode"],
+                "quantization": meta.get("quantization"),
+                "lora": meta.get("lora"),
+            },
+        )
+        _write_meta(out, merged_meta)
+    logger.info("exported a merged %s model to %s", dtype, out)
+    return out
+
+
+def chat_template_for(embedder: Embedder) -> str:
+    """A Jinja chat template: the tokenizer's leading special tokens, then the prompt around a text.
+
+    sentence-transformers passes each text as one user message; the content may be a string ("flat"
+    format) or a list of typed parts ("structured"), so both are accepted. Literals go through
+    ``json.dumps`` to be valid Jinja string literals whatever the template contains.
+    """
+    if embedder.template is None:
+        raise ExportError("chat_template_for() needs a prompt template")
+    prefix, suffix = embedder.template.split("{s}", 1)
+    specials = "".join(embedder.tokenizer.convert_ids_to_tokens(embedder.special_prefix))
+    trailing = "".join(embedder.tokenizer.convert_ids_to_tokens(embedder.special_suffix))
+    lit = lambda text: json.dumps(text, ensure_ascii=False)  # noqa: E731
+    return (
+        "{%- set c = messages[-1]['content'] -%}"
+        "{%- if c is not string -%}"
+        "{%- set c = c | map(attribute='text') | join('') -%}"
+        "{%- endif -%}"
+        f"{{{{ {lit(specials + prefix)} }}}}{{{{ c }}}}{{{{ {lit(suffix + trailing)} }}}}"
+    )
+
+
+def _check_chat_template(embedder: Embedder, tokenizer: Any) -> None:
+    """The chat-template rendering must give exactly the ids :meth:`Embedder.token_ids` gives."""
+    big = 10**6  # no truncation: this compares the rendering, not the cut
+    for probe in PROBES:
+        ours = embedder.token_ids([probe], max_length=big)[0]
+        theirs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": probe}], tokenize=True, return_dict=True
+        )
+        if list(theirs["input_ids"]) != ours:
+            raise ExportError(
+                "the sentence-transformers chat template does not reproduce pcc_dist's tokens "
+                f"for {probe!r}: "
+                f"{tokenizer.convert_ids_to_tokens(list(theirs['input_ids']))} vs "
+                f"{tokenizer.convert_ids_to_tokens(ours)}. This tokenizer re-tokenises its special "
+                "tokens differently inside text; export --format merged and embed with pcc_dist "
+                "instead."
+            )
+
+
+def _sentence_transformers_files(out: Path, embedder: Embedder, dim: int) -> int:
+    """Write the sentence-transformers module files.
+
+    Files: modules.json, sentence_bert_config.json, 1_Pooling/config.json and
+    config_sentence_transformers.json.
+
+    Encoders get the classic file contents every sentence-transformers release reads. Prompted
+    models need the 6.x ``sentence_bert_config.json`` with an explicit ``message`` modality: a
+    config without ``modality_config`` is treated as text-only and would bypass the chat template.
+    Pooling uses the classic key spellings, which 6.x converts on load.
+
+    Returns:
+        ``max_seq_length``: the sentence limit plus the template and special-token overhead.
+    """
+    max_seq_length = embedder.max_length + embedder.overhead_tokens()
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    mode = {"last": "lasttoken", "mean": "mean_tokens", "cls": "cls_token"}[embedder.pooling]
+    pooling = {
+        "word_embedding_dimension": dim,
+        "pooling_mode_cls_token": mode == "cls_token",
+        "pooling_mode_mean_tokens": mode == "mean_tokens",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": mode == "lasttoken",
+        "include_prompt": True,
+    }
+    transformer: dict[str, Any] = {"max_seq_length": max_seq_length, "do_lower_case": False}
+    if embedder.template is not None:
+        forward = {"method": "forward", "method_output_name": "last_hidden_state"}
+        transformer.update(
+            transformer_task="feature-extraction",
+            modality_config={"text": dict(forward), "message": {**forward, "format": "flat"}},
+            module_output_name="token_embeddings",
+        )
+    st_config = {
+        "__version__": {"pcc_dist": _version(), "pytorch": torch.__version__},
+        "prompts": {},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    }
+    files = {
+        "modules.json": modules,
+        "1_Pooling/config.json": pooling,
+        "sentence_bert_config.json": transformer,
+        "config_sentence_transformers.json": st_config,
+    }
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    for name, content in files.items():
+        (out / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    return max_seq_length
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pcc-dist")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def export_sentence_transformers(
+    source: str | os.PathLike | Embedder,
+    out_dir: str | os.PathLike,
+    *,
+    quantization: str = "as_trained",
+    dtype: str = "fp32",
+) -> Path:
+    """Write a folder that ``SentenceTransformer(out_dir)`` loads and that embeds as pcc_dist does.
+
+    The folder is the merged model (see :func:`export_merged`) plus the sentence-transformers module
+    files; design notes in the module docstring.
+
+    Raises:
+        ExportError: the tokenizer cannot reproduce the prompt through a chat template.
+    """
+    out = Path(out_dir)
+    export_merged(source, out, quantization=quantization, dtype=dtype)
+    meta = read_run_config(out)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    # A light Embedder over the exported tokenizer gives the reference token ids (no weights
+    # needed).
+    reference = Embedder(
+        torch.nn.Identity(),
+        tokenizer,
+        kind=meta["kind"],
+        pooling=meta["pooling"],
+        template=meta["template"],
+        max_length=meta["max_length"],
+    )
+    tokenizer.padding_side = "right"
+    max_seq_length = _sentence_transformers_files(out, reference, int(meta["embedding_dim"]))
+    if reference.template is not None:
+        if getattr(tokenizer, "chat_template", None):
+            logger.info("replacing the tokenizer's chat template with the prompt template")
+        tokenizer.chat_template = chat_template_for(reference)
+        _check_chat_template(reference, tokenizer)
+    else:
+        tokenizer.chat_template = None
+    # sentence-transformers truncates at the tokenizer's model_max_length.
+    tokenizer.model_max_length = max_seq_length
+    tokenizer.save_pretrained(out)
+    logger.info("exported a sentence-transformers folder to %s", out)
+    return out
+
+
+def verify_sentence_transformers(
+    folder: str | os.PathLike,
+    embedder: Embedder,
+    sentences: Sequence[str],
+    *,
+    min_cosine: float = 0.9999,
+) -> torch.Tensor:
+    """Embed with ``SentenceTransformer(folder)`` and with ``embedder``; return the cosines.
+
+    Raises:
+        ExportError: sentence-transformers is missing, or a cosine is below ``min_cosine``.
+    """
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise ExportError(
+            "verifying a sentence-transformers export needs sentence-transformers>=6: "
+            "pip install 'sentence-transformers>=6' (part of pip install pcc-dist[dev])."
+        ) from exc
+    model = SentenceTransformer(str(folder), device=str(embedder.device))
+    theirs = (
+        model.encode(list(sentences), convert_to_tensor=True, normalize_embeddings=False)
+        .float()
+        .cpu()
+    )
+    ours = embedder.encode(list(sentences))
+    cosine = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
+    if cosine.min() < min_cosine:
+        worst = int(cosine.argmin())
+        raise ExportError(
+            "sentence-transformers export disagrees with pcc_dist: cosine "
+            f"{cosine[worst]:.6f} < {min_cosine} for {sentences[worst]!r}."
+        )
+    return cosine
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``pcc-export RUN_DIR OUT_DIR --format {adapter,merged,sentence-transformers}``.
+
+    Returns:
+        The exit code: 0 on success, 2 on a model/export error (message on stderr).
+    """
+    parser = argparse.ArgumentParser(
+        prog="pcc-export",
+        description="Export a pcc_dist run folder: the LoRA adapter alone, a merged "
+        "full-precision model, or a sentence-transformers folder.",
+    )
+    parser.add_argument("run_dir", help="run folder holding pcc_embedder.json")
+    parser.add_argument("out_dir", help="folder to write")
+    parser.add_argument("--format", choices=FORMATS, default="sentence-transformers")
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATION_CHOICES,
+        default="as_trained",
+        help="as_trained: merge into the dequantised NF4 base of a QLoRA run (default); "
+        "none: into the original full-precision base",
+    )
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="fp32", help="weights of merged exports"
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="sentence-transformers format: load the export and compare its embeddings with "
+        "pcc_dist's on probe sentences",
+    )
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    try:
+        if args.format == "adapter":
+            export_adapter(args.run_dir, args.out_dir)
+        elif args.format == "merged":
+            export_merged(
+                args.run_dir, args.out_dir, quantization=args.quantization, dtype=args.dtype
+            )
+        else:
+            export_sentence_transformers(
+                args.run_dir, args.out_dir, quantization=args.quantization, dtype=args.dtype
+            )
+            if args.verify:
+                embedder = load_embedder_from_run(args.run_dir, quantization=args.quantization)
+                cosine = verify_sentence_transformers(
+                    args.out_dir, embedder, [p for p in PROBES if p.strip()]
+                )
+                logger.info(
+                    "verified: min cosine %.6f over %d probe sentences",
+                    float(cosine.min()),
+                    len(cosine),
+                )
+    except ModelError as exc:
+        print(f"pcc-export: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,12 @@
+"""Losses of pcc_dist: exact global-batch InfoNCE (stage 1) and Pearson (stage 2, Pcc-tuning).
+
+``InfoNCELoss`` / ``PearsonLoss`` are the modules the trainer uses; ``infonce_reference`` /
+``pearson_reference`` are the pure-torch functions (CPU production path and test oracle). Importing
+this package needs only torch: the Triton kernels load lazily, on the Triton path.
+"""
+
+from pcc_dist.losses.infonce import InfoNCELoss
+from pcc_dist.losses.pearson import PearsonLoss
+from pcc_dist.losses.reference import PearsonOutput, infonce_reference, pearson_reference
+
+__all__ = ["InfoNCELoss", "PearsonLoss", "PearsonOutput", "infonce_reference", "pearson_reference"]
