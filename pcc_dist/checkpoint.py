@@ -63,6 +63,7 @@ class TrainerState:
     step: int = 0
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
+    last_loss: float | None = None
     best_dev_spearman: float | None = None
     best_step: int | None = None
     tracking_run_id: str | None = None

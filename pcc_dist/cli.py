@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from pcc_dist.config import ConfigError, PccConfig, load_config
 
@@ -43,7 +44,12 @@ def resolve_config(config_path: str | None, overrides: list[str]) -> PccConfig |
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """``pcc-train --config FILE [--validate] [key=value ...]``."""
+    """``pcc-train --config FILE [--validate] [key=value ...]``; ``pcc-train sync-mlflow DIR``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sync-mlflow"]:
+        from pcc_dist.tracking import sync_main
+
+        return sync_main(argv[1:])
     args = _train_parser().parse_args(argv)
     cfg = resolve_config(args.config, args.overrides)
     if cfg is None:
@@ -52,10 +58,15 @@ def train_main(argv: list[str] | None = None) -> int:
         print(cfg.to_yaml(), end="")
         print("# config OK", file=sys.stderr)
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print("pcc-train: the training engine is not built yet (issue 5); only --validate works.",
-          file=sys.stderr)
-    return 1
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # DeepSpeed 0.19.8 calls a torch.distributed API that torch 2.13 deprecates, once per ZeRO-3
+    # gather: thousands of identical lines that would bury the training log.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated")
+    from pcc_dist.trainer import run_training
+
+    run_training(cfg)
+    return 0
 
 
 def eval_main(argv: list[str] | None = None) -> int:

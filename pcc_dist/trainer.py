@@ -1,0 +1,360 @@
+"""The training loop: stage 1 (InfoNCE on NLI triplets) then stage 2 (Pcc, 1 - Pearson r).
+
+Reads as a list of named steps. Each stage:
+
+1. load its data, de-contaminate it against the STS7 test sets, rescale stage-2 scores;
+2. build a fresh embedder and engine; start from the previous stage's final weights, or resume
+   from this stage's newest complete checkpoint (model, optimizer, scheduler, RNG, data position);
+3. for each optimizer step: take this rank's slice of the global batch, tokenise its views, run
+   the gradient cache (or a plain forward/backward), step the engine (non-finite steps are skipped
+   on every rank), log, evaluate on STS-B dev, checkpoint;
+4. save a final checkpoint (the next stage starts from it) and export the model.
+
+The loss of every step is computed over the whole global batch of N examples whatever the world
+size (see :mod:`pcc_dist.sampling`), so runs on 1 and on W ranks take the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pcc_dist.checkpoint import CheckpointManager, TrainerState, preflight_output_dir
+from pcc_dist.config import PccConfig, StageSettings
+from pcc_dist.data import (
+    ScoredPair,
+    Triplet,
+    decontaminate,
+    load_sts7,
+    load_sts_task,
+    load_training_set,
+    rescale_scores,
+    resolve_data_root,
+)
+from pcc_dist.evaluation import evaluate_sts, format_table, progress_enabled
+from pcc_dist.sampling import GlobalBatchPlan
+from pcc_dist.sharded_encode import ShardedEncoder
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("stage1", "stage2")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue; the message says why and how to resume."""
+
+
+@dataclass
+class StageOutcome:
+    """What a finished stage reports (also written to ``<stage>/outcome.json``)."""
+
+    stage: str
+    steps: int
+    skipped_steps: int
+    final_loss: float | None
+    stsb_dev_spearman: float
+    best_dev_spearman: float | None
+    best_step: int | None
+    seconds: float
+    final_checkpoint: str
+    decontamination: dict[str, Any] | None
+
+
+def _dist():
+    from pcc_dist.engine import init_distributed
+
+    return init_distributed()
+
+
+def _barrier(world_size: int):
+    if world_size == 1:
+        return lambda: None
+    return torch.distributed.barrier
+
+
+class StageRunner:
+    """Runs one training stage on every rank.
+
+    Args:
+        cfg: The resolved config.
+        name: ``"stage1"`` or ``"stage2"``.
+        dist_info: Rank, world size, ... from :func:`pcc_dist.engine.init_distributed`.
+        data_root: Resolved data folder.
+        test_tasks: STS7 test sets for de-contamination (None = off).
+        init_from: Final checkpoint of the previous stage, or None.
+    """
+
+    def __init__(self, cfg: PccConfig, name: str, dist_info, data_root: Path,
+                 test_tasks: dict | None, init_from: Path | None):
+        self.cfg = cfg
+        self.name = name
+        self.stage: StageSettings = getattr(cfg, name)
+        self.dist = dist_info
+        self.data_root = data_root
+        self.test_tasks = test_tasks
+        self.init_from = init_from
+        self.stage_dir = Path(cfg.run.output_dir) / name
+        self.is_main = dist_info.rank == 0
+
+    # -- step 1: data ---------------------------------------------------------------------
+    def load_examples(self) -> tuple[list, dict[str, Any] | None]:
+        examples = load_training_set(self.stage.data, self.data_root,
+                                     on_bad_row=self.cfg.data.on_bad_row)
+        report = None
+        if self.test_tasks is not None:
+            examples, contamination = decontaminate(examples, self.test_tasks)
+            report = contamination.to_dict()
+            logger.info("%s: de-contamination removed %s (kept %d of %d)", self.name,
+                        contamination.removed_per_source, contamination.kept, contamination.total)
+        if self.name == "stage1" and not all(isinstance(e, Triplet) for e in examples):
+            raise TrainingError(f"stage1.data={self.stage.data!r} is not a triplet set "
+                                "(sent0,sent1[,hard_neg]); stage 1 trains InfoNCE on triplets.")
+        if self.name == "stage2":
+            if not all(isinstance(e, ScoredPair) for e in examples):
+                raise TrainingError(f"stage2.data={self.stage.data!r} holds no scored pairs; "
+                                    "stage 2 trains on (sentence1, sentence2, score).")
+            examples = rescale_scores(examples, self.cfg.data.score_scaling)
+        return examples, report
+
+    # -- step 3a: one rank's batch as token views ---------------------------------------
+    def views(self, embedder, batch: list) -> tuple[list[dict[str, torch.Tensor]],
+                                                     torch.Tensor | None]:
+        """Token batches per view on the model's device, and stage-2 gold scores.
+
+        Stage 1 views: anchor, positive[, hard negative]; stage 2: sentence1, sentence2.
+        """
+        if self.name == "stage1":
+            texts = [[t.anchor for t in batch], [t.positive for t in batch]]
+            if all(t.hard_negative is not None for t in batch):
+                texts.append([t.hard_negative for t in batch])
+            scores = None
+        else:
+            texts = [[p.sentence1 for p in batch], [p.sentence2 for p in batch]]
+            scores = torch.tensor([p.score for p in batch], dtype=torch.float32,
+                                  device=embedder.device)
+        views = [{k: v.to(embedder.device) for k, v in
+                  embedder.tokenize(t, max_length=self.stage.max_length).items()} for t in texts]
+        return views, scores
+
+    def make_loss(self):
+        from pcc_dist.losses import InfoNCELoss, PearsonLoss
+
+        if self.name == "stage1":
+            return InfoNCELoss(temperature=self.cfg.loss.temperature, kernel=self.cfg.loss.kernel,
+                               chunk_size=self.cfg.loss.chunk_size)
+        return PearsonLoss(kernel=self.cfg.loss.kernel)
+
+    # -- step 3c: dev evaluation -------------------------------------------------------
+    def dev_spearman(self, embedder) -> float:
+        dev = {"STSBenchmark": load_sts_task("STSBenchmark", self.data_root, split="dev")}
+        encoder = ShardedEncoder(embedder, self.dist.rank, self.dist.world_size)
+        was_training = embedder.training
+        result = evaluate_sts(encoder, dev, batch_size=self.cfg.eval.batch_size,
+                              show_progress=False)
+        embedder.train(was_training)
+        return result.spearman["STSBenchmark"]
+
+    # -- the stage -------------------------------------------------------------------------
+    def run(self) -> tuple[StageOutcome, Any, Any]:
+        """Train the stage; returns its outcome, the embedder and the engine (for export)."""
+        from pcc_dist.engine import build_engine
+        from pcc_dist.gradcache import GradCache
+        from pcc_dist.modeling import load_embedder
+        from pcc_dist.tracking import make_tracker
+
+        started = time.perf_counter()
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        examples, contamination = self.load_examples()
+        plan = GlobalBatchPlan(len(examples), self.stage.global_batch_size,
+                               self.dist.world_size, self.cfg.run.seed)
+        total_steps = plan.total_steps(self.stage.epochs, self.stage.max_steps)
+        logger.info("%s: %d examples, global batch %d (%d per rank x %d ranks), %d steps",
+                    self.name, len(examples), plan.global_batch_size, plan.per_rank,
+                    self.dist.world_size, total_steps)
+
+        embedder = load_embedder(self.cfg.model, for_training=True)
+        engine = build_engine(embedder, self.cfg, self.stage, total_steps)
+        checkpoints = CheckpointManager(self.stage_dir / "checkpoints",
+                                        self.cfg.checkpoint.keep_last, self.dist.rank,
+                                        _barrier(self.dist.world_size))
+        checkpoints.remove_incomplete()
+        state = TrainerState(stage=self.name, world_size=self.dist.world_size,
+                             global_batch_size=plan.global_batch_size)
+        latest = checkpoints.latest() if self.cfg.checkpoint.resume == "auto" else None
+        if latest is not None:
+            state = checkpoints.load(engine, latest)
+            self._check_resume_compatible(state, plan)
+        elif self.init_from is not None:
+            engine.load_checkpoint(self.init_from / "engine", module_only=True)
+            logger.info("%s starts from the weights of %s", self.name, self.init_from)
+        if contamination is not None and self.is_main:
+            (self.stage_dir / "decontamination.json").write_text(
+                json.dumps(contamination, indent=2))
+
+        with make_tracker(self.cfg, self.stage_dir, rank=self.dist.rank,
+                          resume_run_id=state.tracking_run_id, stage=self.name) as tracker:
+            tracker.log_params({"deepspeed": engine.ds_config})
+            self._train_steps(engine, embedder, GradCache(engine, self.stage.gradcache_chunk_size),
+                              examples, plan, total_steps, state, checkpoints, tracker)
+            final = checkpoints.latest()
+            dev = self.dev_spearman(embedder)
+            tracker.log_metrics({"eval/stsb_dev_spearman": dev}, step=state.step)
+            logger.info("%s finished at step %d: STS-B dev Spearman %.2f", self.name,
+                        state.step, dev)
+            outcome = StageOutcome(
+                stage=self.name, steps=state.step, skipped_steps=state.skipped_steps,
+                final_loss=state.last_loss, stsb_dev_spearman=dev,
+                best_dev_spearman=state.best_dev_spearman, best_step=state.best_step,
+                seconds=time.perf_counter() - started, final_checkpoint=str(final),
+                decontamination=contamination)
+            if self.is_main:
+                (self.stage_dir / "outcome.json").write_text(json.dumps(asdict(outcome),
+                                                                        indent=2))
+        return outcome, embedder, engine
+
+    def _train_steps(self, engine, embedder, cache, examples, plan, total_steps, state,
+                     checkpoints, tracker) -> None:
+        loss_module = self.make_loss()
+        progress = _progress(total_steps, state.step, self.name,
+                             enabled=self.is_main and progress_enabled())
+        engine.train()
+        for step in range(state.step, total_steps):
+            tick = time.perf_counter()
+            batch = [examples[i] for i in plan.rank_indices(step, self.dist.rank)]
+            views, scores = self.views(embedder, batch)
+
+            loss_value = cache.run(engine.module, views, _bind_loss(loss_module, scores))
+            result = engine.step()
+            state.step = step + 1
+            if result.skipped:
+                state.skipped_steps += 1
+                state.consecutive_nonfinite += 1
+                self._stop_if_diverged(state, checkpoints)
+            else:
+                state.consecutive_nonfinite = 0
+                state.last_loss = loss_value
+            seconds = time.perf_counter() - tick
+            batch_r = getattr(loss_module, "last_r", None) if scores is not None else None
+            self._log_step(tracker, state, loss_value, batch_r, result, views, seconds, plan)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}")
+
+            if self.cfg.eval.every_steps and state.step % self.cfg.eval.every_steps == 0:
+                self._evaluate_and_select(embedder, tracker, state)
+            if state.step % self.cfg.checkpoint.every_steps == 0 or state.step == total_steps:
+                state.tracking_run_id = tracker.run_id
+                checkpoints.save(engine, state)
+        progress.close()
+
+    def _check_resume_compatible(self, state: TrainerState, plan: GlobalBatchPlan) -> None:
+        if state.global_batch_size != plan.global_batch_size:
+            raise TrainingError(
+                f"the checkpoint was written with global batch {state.global_batch_size}, this "
+                f"run uses {plan.global_batch_size}; resume with the same global_batch_size "
+                "(the data position is counted in global batches).")
+
+    def _stop_if_diverged(self, state: TrainerState, checkpoints: CheckpointManager) -> None:
+        limit = self.cfg.train.max_consecutive_nonfinite
+        if state.consecutive_nonfinite >= limit:
+            raise TrainingError(
+                f"{self.name}: {limit} consecutive steps had a non-finite loss or gradient "
+                f"(last at step {state.step}); every rank skipped them. Lower the learning "
+                f"rate or check the data, then resume from {checkpoints.latest()}.")
+        logger.warning("%s step %d: non-finite loss or gradient, step skipped on every rank "
+                       "(%d in a row)", self.name, state.step, state.consecutive_nonfinite)
+
+    def _log_step(self, tracker, state, loss_value, batch_r, result, views, seconds, plan):
+        if state.step % self.cfg.train.log_every_steps and state.step != 1:
+            return
+        # Tokens of this rank times W: ranks hold equal batches of similar length, and an exact
+        # count would cost a collective per logged step for a throughput estimate.
+        tokens = sum(int(v["attention_mask"].sum()) for v in views) * self.dist.world_size
+        metrics = {
+            "train/loss": loss_value,
+            "train/lr": result.lr,
+            "train/grad_norm": result.grad_norm,
+            "train/skipped_steps": float(state.skipped_steps),
+            "perf/pairs_per_s": plan.global_batch_size / seconds,
+            "perf/tokens_per_s": tokens / seconds,
+        }
+        if batch_r is not None:
+            metrics["train/pearson_r"] = float(batch_r)
+        tracker.log_metrics(metrics, step=state.step)
+        logger.debug("%s step %d: %s", self.name, state.step, metrics)
+
+    def _evaluate_and_select(self, embedder, tracker, state) -> None:
+        dev = self.dev_spearman(embedder)
+        tracker.log_metrics({"eval/stsb_dev_spearman": dev}, step=state.step)
+        if state.best_dev_spearman is None or dev > state.best_dev_spearman:
+            state.best_dev_spearman, state.best_step = dev, state.step
+            logger.info("%s step %d: new best STS-B dev Spearman %.2f", self.name, state.step,
+                        dev)
+
+
+def _bind_loss(loss_module, scores: torch.Tensor | None):
+    """``embeddings -> loss``: InfoNCE on the views, or Pearson against this step's scores."""
+    if scores is None:
+        return lambda embeddings: loss_module(*embeddings)
+    return lambda embeddings: loss_module(embeddings[0], embeddings[1], scores)
+
+
+def _progress(total: int, initial: int, name: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=name, unit="step", disable=not enabled)
+
+
+def run_training(cfg: PccConfig) -> dict[str, Any]:
+    """Train every enabled stage, evaluate on STS7, export; returns the results document.
+
+    Written to ``<output_dir>/results.json``; the final model goes to ``<output_dir>/model``
+    (the run-folder layout that ``pcc-eval --model`` and ``pcc-export`` read).
+    """
+    from pcc_dist.modeling import save_embedder
+    from pcc_dist.tracking import make_tracker
+
+    dist_info = _dist()
+    run_dir = Path(cfg.run.output_dir)
+    if dist_info.rank == 0:
+        preflight_output_dir(run_dir)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    _barrier(dist_info.world_size)()
+    data_root = resolve_data_root(cfg.data.root)
+    test_tasks = load_sts7(data_root) if cfg.data.decontaminate else None
+
+    outcomes: dict[str, Any] = {}
+    previous: Path | None = None
+    embedder = engine = None
+    for name in STAGES:
+        if not getattr(cfg, name).enabled:
+            continue
+        runner = StageRunner(cfg, name, dist_info, data_root, test_tasks, previous)
+        outcome, embedder, engine = runner.run()
+        outcomes[name] = asdict(outcome)
+        previous = Path(outcome.final_checkpoint)
+
+    results: dict[str, Any] = {"stages": outcomes}
+    if cfg.eval.tasks:
+        embedder.eval()
+        tasks = {n: t for n, t in load_sts7(data_root).items() if n in cfg.eval.tasks}
+        sts = evaluate_sts(ShardedEncoder(embedder, dist_info.rank, dist_info.world_size),
+                           tasks, batch_size=cfg.eval.batch_size)
+        results["sts"] = sts.to_json()
+    state_dict = engine.gathered_state_dict()  # collective: every rank takes part
+    if dist_info.rank == 0:
+        save_embedder(embedder, run_dir / "model", state_dict=state_dict)
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        if "sts" in results:
+            logger.info("STS results:\n%s", format_table(sts))
+        with make_tracker(cfg, run_dir, rank=0) as pipeline:
+            if "sts" in results:
+                pipeline.log_metrics({f"eval/sts/{k}": v for k, v in sts.spearman.items()}
+                                     | {"eval/sts/avg": sts.avg}, step=0)
+            pipeline.log_artifact(run_dir / "results.json", "eval")
+    return results
