@@ -58,6 +58,7 @@ setup(
             "pcc-train=pcc_dist.cli:train_main",
             "pcc-eval=pcc_dist.cli:eval_main",
             "pcc-data=pcc_dist.cli:data_main",
+            "pcc-export=pcc_dist.export:export_main",
         ]
     },
 )

@@ -43,6 +43,17 @@ def resolve_config(config_path: str | None, overrides: list[str]) -> PccConfig |
         return None
 
 
+def configure_logging() -> None:
+    """Timestamped INFO logging for the launchers, without DeepSpeed's deprecation flood."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # DeepSpeed 0.19.8 calls torch.distributed APIs that torch 2.13 deprecates
+    # (all_gather_into_tensor, reduce_scatter_tensor), once per ZeRO-3 gather: thousands of
+    # identical lines that would bury the training log.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r".*torch\.distributed\..* is deprecated")
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """``pcc-train --config FILE [--validate] [key=value ...]``; ``pcc-train sync-mlflow DIR``."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -58,11 +69,7 @@ def train_main(argv: list[str] | None = None) -> int:
         print(cfg.to_yaml(), end="")
         print("# config OK", file=sys.stderr)
         return 0
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # DeepSpeed 0.19.8 calls a torch.distributed API that torch 2.13 deprecates, once per ZeRO-3
-    # gather: thousands of identical lines that would bury the training log.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated")
+    configure_logging()
     from pcc_dist.trainer import run_training
 
     run_training(cfg)

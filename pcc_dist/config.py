@@ -188,7 +188,10 @@ class TrainSettings:
 class EvalSettings:
     """Evaluation cadence and tasks."""
 
+    # Final STS evaluation after the last stage ([] = none).
     tasks: list[str] = field(default_factory=lambda: list(STS7_TASKS))
+    # STS-B dev evaluation during training (at every_steps and at the end of each stage).
+    dev: bool = True
     batch_size: int = 128
     # STS-B dev evaluation every N optimizer steps (0 = only at the end of each stage).
     every_steps: int = 0

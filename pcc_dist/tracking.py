@@ -1399,7 +1399,8 @@ def _log_config(tracker: MlflowTracker, cfg: PccConfig) -> None:
 DEFAULT_PLOT_KEYS = ("train/loss", "train/pearson_r")
 
 
-def _history_from_journal(path: Path, run_key: str | None) -> dict[str, dict[str, list]]:
+def metric_history(path: Path, run_key: str | None = None) -> dict[str, dict[str, list]]:
+    """``{run label: {metric key: [(step, value), ...]}}`` from a journal file."""
     records = read_journal(path)
     labels = {r["run"]: r.get("role") or r["run"][:8] for r in records if r["kind"] == "start"}
     out: dict[str, dict[str, list]] = {}
@@ -1437,7 +1438,7 @@ def plot_metrics(journal_or_history: str | Path | Mapping[str, Any], out_png: st
             {"": dict(journal_or_history)}
     else:
         path = Path(journal_or_history)
-        runs = _history_from_journal(path / JOURNAL_NAME if path.is_dir() else path, run_key)
+        runs = metric_history(path / JOURNAL_NAME if path.is_dir() else path, run_key)
     if keys is None:
         present = {k for series in runs.values() for k, pts in series.items()}
         keys = [k for k in DEFAULT_PLOT_KEYS if k in present] + sorted(

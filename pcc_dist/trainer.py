@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from pcc_dist.sharded_encode import ShardedEncoder
 logger = logging.getLogger(__name__)
 
 STAGES = ("stage1", "stage2")
+METRICS_FILE = "metrics.jsonl"
 
 
 class TrainingError(RuntimeError):
@@ -58,7 +60,7 @@ class StageOutcome:
     steps: int
     skipped_steps: int
     final_loss: float | None
-    stsb_dev_spearman: float
+    stsb_dev_spearman: float | None
     best_dev_spearman: float | None
     best_step: int | None
     seconds: float
@@ -101,6 +103,7 @@ class StageRunner:
         self.init_from = init_from
         self.stage_dir = Path(cfg.run.output_dir) / name
         self.is_main = dist_info.rank == 0
+        self.total_steps = 0  # known once the data is loaded
 
     # -- step 1: data ---------------------------------------------------------------------
     def load_examples(self) -> tuple[list, dict[str, Any] | None]:
@@ -173,13 +176,18 @@ class StageRunner:
         examples, contamination = self.load_examples()
         plan = GlobalBatchPlan(len(examples), self.stage.global_batch_size,
                                self.dist.world_size, self.cfg.run.seed)
-        total_steps = plan.total_steps(self.stage.epochs, self.stage.max_steps)
+        total_steps = self.total_steps = plan.total_steps(self.stage.epochs, self.stage.max_steps)
         logger.info("%s: %d examples, global batch %d (%d per rank x %d ranks), %d steps",
                     self.name, len(examples), plan.global_batch_size, plan.per_rank,
                     self.dist.world_size, total_steps)
 
+        # Same seed on every rank for the weights it creates (LoRA A matrices): ZeRO-3 keeps
+        # each rank's own slice of them, so different draws would make an inconsistent model.
+        seed_everything(self.cfg.run.seed)
         embedder = load_embedder(self.cfg.model, for_training=True)
         engine = build_engine(embedder, self.cfg, self.stage, total_steps)
+        # Then one stream per rank for dropout, so ranks do not draw identical masks.
+        seed_everything(self.cfg.run.seed + 1 + self.dist.rank)
         checkpoints = CheckpointManager(self.stage_dir / "checkpoints",
                                         self.cfg.checkpoint.keep_last, self.dist.rank,
                                         _barrier(self.dist.world_size))
@@ -203,10 +211,11 @@ class StageRunner:
             self._train_steps(engine, embedder, GradCache(engine, self.stage.gradcache_chunk_size),
                               examples, plan, total_steps, state, checkpoints, tracker)
             final = checkpoints.latest()
-            dev = self.dev_spearman(embedder)
-            tracker.log_metrics({"eval/stsb_dev_spearman": dev}, step=state.step)
-            logger.info("%s finished at step %d: STS-B dev Spearman %.2f", self.name,
-                        state.step, dev)
+            dev = self.dev_spearman(embedder) if self.cfg.eval.dev else None
+            if dev is not None:
+                tracker.log_metrics({"eval/stsb_dev_spearman": dev}, step=state.step)
+                logger.info("%s: STS-B dev Spearman %.2f", self.name, dev)
+            logger.info("%s finished at step %d", self.name, state.step)
             outcome = StageOutcome(
                 stage=self.name, steps=state.step, skipped_steps=state.skipped_steps,
                 final_loss=state.last_loss, stsb_dev_spearman=dev,
@@ -245,7 +254,8 @@ class StageRunner:
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}")
 
-            if self.cfg.eval.every_steps and state.step % self.cfg.eval.every_steps == 0:
+            if (self.cfg.eval.dev and self.cfg.eval.every_steps
+                    and state.step % self.cfg.eval.every_steps == 0):
                 self._evaluate_and_select(embedder, tracker, state)
             if state.step % self.cfg.checkpoint.every_steps == 0 or state.step == total_steps:
                 state.tracking_run_id = tracker.run_id
@@ -286,7 +296,16 @@ class StageRunner:
         if batch_r is not None:
             metrics["train/pearson_r"] = float(batch_r)
         tracker.log_metrics(metrics, step=state.step)
-        logger.debug("%s step %d: %s", self.name, state.step, metrics)
+        if self.is_main and not progress_enabled():
+            # No progress bar in CI logs or pipes: a line per logged step instead.
+            logger.info("%s step %d/%d: loss %.4f, lr %.3g, %.1f pairs/s", self.name,
+                        state.step, self.total_steps, loss_value, result.lr,
+                        metrics["perf/pairs_per_s"])
+        if self.is_main:
+            # A plain local record of every logged step, readable without MLflow. A resumed run
+            # appends the steps after its checkpoint again; the last line of a step wins.
+            with open(self.stage_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": state.step} | metrics) + "\n")
 
     def _evaluate_and_select(self, embedder, tracker, state) -> None:
         dev = self.dev_spearman(embedder)
@@ -295,6 +314,12 @@ class StageRunner:
             state.best_dev_spearman, state.best_step = dev, state.step
             logger.info("%s step %d: new best STS-B dev Spearman %.2f", self.name, state.step,
                         dev)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's generators (CPU and every CUDA device)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _bind_loss(loss_module, scores: torch.Tensor | None):
@@ -329,7 +354,7 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
     test_tasks = load_sts7(data_root) if cfg.data.decontaminate else None
 
     outcomes: dict[str, Any] = {}
-    previous: Path | None = None
+    previous = _earlier_stage1(cfg, run_dir)
     embedder = engine = None
     for name in STAGES:
         if not getattr(cfg, name).enabled:
@@ -357,4 +382,28 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
                 pipeline.log_metrics({f"eval/sts/{k}": v for k, v in sts.spearman.items()}
                                      | {"eval/sts/avg": sts.avg}, step=0)
             pipeline.log_artifact(run_dir / "results.json", "eval")
+    shutdown_distributed()
     return results
+
+
+def _earlier_stage1(cfg: PccConfig, run_dir: Path) -> Path | None:
+    """Stage 1's final checkpoint from an earlier run in the same folder, when this run trains
+    stage 2 only (the two stages as two jobs, e.g. the mistral7b_qlora_stage{1,2} recipes)."""
+    if cfg.stage1.enabled or not cfg.stage2.enabled:
+        return None
+    found = CheckpointManager(run_dir / "stage1" / "checkpoints", 1, 0, lambda: None).latest()
+    if found is None:
+        logger.info("stage 2 starts from %s (no stage-1 checkpoint in %s)",
+                    cfg.model.name_or_path, run_dir)
+    return found
+
+
+def shutdown_distributed() -> None:
+    """Wait for every rank, then close the process group.
+
+    Without it a rank that finishes first exits while gloo still has a peer, and its process
+    aborts ("terminate called without an active exception"), failing the launcher.
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
