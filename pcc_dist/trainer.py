@@ -256,7 +256,7 @@ class StageRunner:
 
             if (self.cfg.eval.dev and self.cfg.eval.every_steps
                     and state.step % self.cfg.eval.every_steps == 0):
-                self._evaluate_and_select(embedder, tracker, state)
+                self._evaluate_and_select(embedder, engine, tracker, state)
             if state.step % self.cfg.checkpoint.every_steps == 0 or state.step == total_steps:
                 state.tracking_run_id = tracker.run_id
                 checkpoints.save(engine, state)
@@ -307,13 +307,20 @@ class StageRunner:
             with open(self.stage_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": state.step} | metrics) + "\n")
 
-    def _evaluate_and_select(self, embedder, tracker, state) -> None:
+    def _evaluate_and_select(self, embedder, engine, tracker, state) -> None:
+        """STS-B dev score; a new best is exported to ``<stage>/best`` (selection on dev only,
+        never on the STS7 test sets)."""
+        from pcc_dist.modeling import save_embedder
+
         dev = self.dev_spearman(embedder)
         tracker.log_metrics({"eval/stsb_dev_spearman": dev}, step=state.step)
         if state.best_dev_spearman is None or dev > state.best_dev_spearman:
             state.best_dev_spearman, state.best_step = dev, state.step
-            logger.info("%s step %d: new best STS-B dev Spearman %.2f", self.name, state.step,
-                        dev)
+            state_dict = engine.gathered_state_dict()  # collective: every rank takes part
+            if self.is_main:
+                save_embedder(embedder, self.stage_dir / "best", state_dict=state_dict)
+            logger.info("%s step %d: new best STS-B dev Spearman %.2f, saved to %s", self.name,
+                        state.step, dev, self.stage_dir / "best")
 
 
 def seed_everything(seed: int) -> None:
