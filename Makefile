@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow bench lint install clean
+.PHONY: demo test test-slow lint install clean
 
 install: $(STAMP)
 
@@ -36,9 +36,6 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow --timeout=3600 -q
-
-bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check pcc_dist kernels launchers benchmarks tests

@@ -316,11 +316,27 @@ class StageRunner:
         tracker.log_metrics({"eval/stsb_dev_spearman": dev}, step=state.step)
         if state.best_dev_spearman is None or dev > state.best_dev_spearman:
             state.best_dev_spearman, state.best_step = dev, state.step
-            state_dict = engine.gathered_state_dict()  # collective: every rank takes part
+            state_dict = backbone_state_dict(engine)  # collective: every rank takes part
             if self.is_main:
                 save_embedder(embedder, self.stage_dir / "best", state_dict=state_dict)
             logger.info("%s step %d: new best STS-B dev Spearman %.2f, saved to %s", self.name,
                         state.step, dev, self.stage_dir / "best")
+
+
+def backbone_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The backbone's full (or adapter-only) state dict gathered from the ZeRO-3 partitions.
+
+    The engine wraps the :class:`Embedder`, whose keys carry a ``backbone.`` prefix; the
+    backbone's ``save_pretrained`` expects its own keys. Under ZeRO-3 the module's own tensors
+    are empty partitions, so a key that does not match is not a harmless miss: the saved model
+    would be garbage. A collective call; ranks other than 0 get ``{}``.
+    """
+    prefix = "backbone."
+    gathered = engine.gathered_state_dict()
+    stray = [k for k in gathered if not k.startswith(prefix)]
+    if stray:
+        raise RuntimeError(f"unexpected non-backbone weights in the embedder: {stray[:3]}")
+    return {k[len(prefix):]: v for k, v in gathered.items()}
 
 
 def seed_everything(seed: int) -> None:
@@ -378,7 +394,7 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
         sts = evaluate_sts(ShardedEncoder(embedder, dist_info.rank, dist_info.world_size),
                            tasks, batch_size=cfg.eval.batch_size)
         results["sts"] = sts.to_json()
-    state_dict = engine.gathered_state_dict()  # collective: every rank takes part
+    state_dict = backbone_state_dict(engine)  # collective: every rank takes part
     if dist_info.rank == 0:
         save_embedder(embedder, run_dir / "model", state_dict=state_dict)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))

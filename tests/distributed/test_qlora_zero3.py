@@ -6,6 +6,7 @@ Draft: experiment harness.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 def worker(rank: int, world_size: int, args: dict) -> dict:
     torch.set_num_threads(1)
+    global LOG
+    LOG = []
     import random
 
     import deepspeed
@@ -63,13 +66,13 @@ def worker(rank: int, world_size: int, args: dict) -> dict:
     q = {n: (type(p).__name__, p.dtype, tuple(p.shape), p.requires_grad)
          for n, p in embedder.named_parameters() if "base_layer" in n}
     before = {n: _bytes(p) for n, p in embedder.named_parameters() if "base_layer" in n}
-    print("loaded", time.time() - t0, list(q.items())[:2], flush=True)
+    LOG.append(repr(("loaded", time.time() - t0, list(q.items())[:2])))
     engine = build_engine(embedder, cfg, cfg.stage2, total_steps=STEPS)
-    print("engine", time.time() - t0, flush=True)
+    LOG.append(repr(("engine", time.time() - t0)))
     for n, p in list(engine.module.named_parameters())[:6]:
-        print(n, type(p).__name__, p.shape, getattr(p, "ds_shape", None),
+        LOG.append(repr((n, type(p).__name__, p.shape, getattr(p, "ds_shape", None),
               getattr(p, "ds_status", None), p.requires_grad,
-              getattr(p, "quant_state", "noqs") is not None, flush=True)
+              getattr(p, "quant_state", "noqs") is not None)))
     rng = random.Random(3)
     n = W * B
     a = [" ".join(rng.choice(WORDS[15:60]) for _ in range(rng.randint(2, 6))) for _ in range(n)]
@@ -86,17 +89,17 @@ def worker(rank: int, world_size: int, args: dict) -> dict:
         losses.append(GradCache(engine, C).run(engine.module, views,
                                                lambda e: loss_mod(e[0], e[1], scores)))
         r = engine.step()
-        print("step", step, losses[-1], r, time.time() - t0, flush=True)
+        LOG.append(repr(("step", step, losses[-1], r, time.time() - t0)))
     after = {}
     for name, p in engine.module.named_parameters():
         if "base_layer" in name:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 after[name] = _bytes(p)
     same = {k: torch.equal(before[k], after[k]) for k in before}
-    print("same", all(same.values()), len(same), flush=True)
+    LOG.append(repr(("same", all(same.values()), len(same))))
     dist.barrier()
     dist.destroy_process_group()
-    return {"losses": losses}
+    return {"losses": losses, "log": LOG}
 
 
 def test_draft(tmp_path):
@@ -107,5 +110,7 @@ def test_draft(tmp_path):
     path.write_text(json.dumps(ds))
     out = run_ranks(f"{__file__}:worker", world_size=W,
                     args={"model": str(model), "ds_config": str(path), "lr": 1e-2,
-                          "dtype": "fp32"}, timeout=280)
-    print(out)
+                          "dtype": os.environ.get("QDT", "fp32")}, timeout=280)
+    for line in out[0]["log"]:
+        print(line)
+    print(out[0]["losses"])
