@@ -16,6 +16,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 WORDS: tuple[str, ...] = tuple(
@@ -194,3 +195,16 @@ def model_config(**fields: Any) -> Any:
             }
         )
         return SimpleNamespace(**base, lora=lora_ns, qlora=qlora_ns)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread.
+
+    Tiny models gain nothing from intra-op threads; on a shared 2-core machine, OpenMP threads
+    spinning against other processes made these tests several times slower.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny_models import model_config, save_tiny_model, tiny_model, word_tokenizer  # noqa: E402
+from _tiny_models import (  # noqa: E402
+    model_config,
+    one_thread,  # noqa: F401  (module fixture, applied through pytestmark)
+    save_tiny_model,
+    tiny_model,
+    word_tokenizer,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 from pcc_dist import modeling  # noqa: E402
 from pcc_dist.modeling import (  # noqa: E402
@@ -29,16 +37,6 @@ from pcc_dist.modeling import (  # noqa: E402
 )
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; on a shared 2-core machine, OpenMP threads
-    # spinning against other processes made these tests several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 SENTENCES = [
