@@ -1,12 +1,20 @@
 """Suite-wide test setup: offline hub, GPU-marked tests skipped with a reason on CPU."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One toolchain for every process the suite starts: DeepSpeed builds a small op with whichever
+# `ninja` comes first on PATH, and the venv's ninja (1.13) and the system's (1.11) keep
+# incompatible build logs, so alternating between them rebuilt the op (~60 s) again and again.
+_venv_bin = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _venv_bin:
+    os.environ["PATH"] = _venv_bin + os.pathsep + os.environ.get("PATH", "")
 
 
 def pytest_collection_modifyitems(config, items):
