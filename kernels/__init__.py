@@ -95,3 +95,21 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
         f"kernel='triton' cannot run on {device.type} tensors: it needs CUDA tensors, or CPU "
         "tensors with TRITON_INTERPRET=1 (tests only). Use kernel='auto' or kernel='torch'."
     )
+
+
+def resolve_kernel_once(owner: str, kernel: str, device: torch.device, seen: set[str],
+                        log: logging.Logger) -> str:
+    """:func:`resolve_kernel`, logging the choice once per device type for ``owner``.
+
+    Args:
+        owner: Display name of the caller, e.g. ``"PearsonLoss(kernel='auto')"``.
+        kernel: ``auto`` | ``triton`` | ``torch``.
+        device: Device of the inputs.
+        seen: The caller's set of device types already logged (updated here).
+        log: The caller's module logger.
+    """
+    impl = resolve_kernel(kernel, device)
+    if device.type not in seen:
+        seen.add(device.type)
+        log.info("%s on %s tensors: using the %s implementation", owner, device.type, impl)
+    return impl

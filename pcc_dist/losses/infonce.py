@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pcc_dist.kernels import resolve_kernel, validate_kernel_choice
+from pcc_dist.kernels import resolve_kernel_once, validate_kernel_choice
 from pcc_dist.losses.reference import DEFAULT_EPS, infonce_reference
 
 __all__ = ["InfoNCELoss"]
@@ -100,15 +100,8 @@ class InfoNCELoss(nn.Module):
         hard_negatives: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Global-batch InfoNCE, identical on every rank."""
-        impl = resolve_kernel(self.kernel, anchors.device)
-        if anchors.device.type not in self._logged:
-            self._logged.add(anchors.device.type)
-            logger.info(
-                "InfoNCELoss(kernel=%r) on %s tensors: using the %s implementation",
-                self.kernel,
-                anchors.device.type,
-                impl,
-            )
+        impl = resolve_kernel_once(f"InfoNCELoss(kernel={self.kernel!r})", self.kernel,
+                                   anchors.device, self._logged, logger)
         kwargs = {
             "temperature": self.temperature,
             "group": self.group,

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pcc_dist.kernels import resolve_kernel, validate_kernel_choice
+from pcc_dist.kernels import resolve_kernel_once, validate_kernel_choice
 from pcc_dist.losses.reference import DEFAULT_EPS, PearsonOutput, pearson_reference
 
 __all__ = ["PearsonLoss"]
@@ -90,15 +90,8 @@ class PearsonLoss(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """1 − r over the global batch; sets :attr:`last_r`."""
-        impl = resolve_kernel(self.kernel, a.device)
-        if a.device.type not in self._logged:
-            self._logged.add(a.device.type)
-            logger.info(
-                "PearsonLoss(kernel=%r) on %s tensors: using the %s implementation",
-                self.kernel,
-                a.device.type,
-                impl,
-            )
+        impl = resolve_kernel_once(f"PearsonLoss(kernel={self.kernel!r})", self.kernel,
+                                   a.device, self._logged, logger)
         out = self._run(impl, a, b, scores)
         self.last_r = out.r
         return out.loss
