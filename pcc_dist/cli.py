@@ -70,9 +70,18 @@ def train_main(argv: list[str] | None = None) -> int:
         print("# config OK", file=sys.stderr)
         return 0
     configure_logging()
-    from pcc_dist.trainer import run_training
+    from pcc_dist.checkpoint import CheckpointError
+    from pcc_dist.data import DataError
+    from pcc_dist.modeling import ModelError
+    from pcc_dist.trainer import TrainingError, run_training
 
-    run_training(cfg)
+    try:
+        run_training(cfg)
+    except (ConfigError, DataError, ModelError, CheckpointError, TrainingError) as exc:
+        # Expected failures carry a message that names the file, field or fix; a traceback
+        # would only bury it.
+        print(f"pcc-train: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

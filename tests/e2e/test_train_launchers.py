@@ -177,3 +177,17 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(tiny_llama, tmp_
          *overrides(tiny_llama, other, "stage1.enabled=false", "stage2.max_steps=2",
                     "run.seed=1")], tmp_path / "other.txt")
     assert abs(losses(other / "stage2")[2] - expected[2]) > 1e-4
+
+
+def test_bad_training_row_stops_with_file_and_line(tiny_llama, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"sentence1": "a cat", "sentence2": "a dog", "score": 0.5}\n'
+                    '{"sentence1": "a cat", "sentence2": "", "score": 0.5}\n')
+    proc = subprocess.run(
+        [str(BIN / "python"), "launchers/train.py",
+         *overrides(tiny_llama, tmp_path / "run", "stage1.enabled=false", f"stage2.data={data}",
+                    "data.decontaminate=false")],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"pcc-train: {data}:2" in proc.stderr
+    assert "Traceback" not in proc.stderr
