@@ -19,7 +19,6 @@ import pytest
 from _mlflow_server import (
     EVAL_KEY,
     TRAIN_KEYS,
-    MlflowServer,
     artifact_paths,
     assert_steps_once,
     fake_training_loop,
@@ -32,15 +31,6 @@ pytestmark = pytest.mark.timeout(240)
 
 REPO = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).with_name("_mlflow_server.py")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

@@ -31,7 +31,6 @@ import pytest
 from _mlflow_server import (
     EVAL_KEY,
     TRAIN_KEYS,
-    MlflowServer,
     artifact_paths,
     assert_steps_once,
     free_port,
@@ -107,15 +106,6 @@ atexit.register(_write, "exit")
 # --------------------------------------------------------------------------------------------
 # Fixtures and helpers.
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
