@@ -1,4 +1,4 @@
-"""Every recipe in launchers/configs/ passes `pcc-train --validate` (and the DeepSpeed JSON fits)."""
+"""Every recipe in launchers/configs/ passes `pcc-train --validate`; its DeepSpeed JSON fits."""
 
 from pathlib import Path
 
@@ -15,7 +15,9 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "launchers" / "configs")
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
     assert {"tiny_cpu.yaml", "demo_minilm.yaml", "mistral7b_qlora_stage1.yaml",
-            "mistral7b_qlora_stage2.yaml", "mistral7b_full_zero3.yaml"} <= names
+            "mistral7b_qlora_stage2.yaml", "mistral7b_full_zero3.yaml",
+            "llama2_7b_qlora_stage1.yaml", "llama2_7b_qlora_stage2.yaml",
+            "smollm2_stage1.yaml", "smollm2_stage2.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
