@@ -310,7 +310,12 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
             except ValueError:
                 return False, value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
+        if not ok:
+            return False, value
+        try:
+            return True, float(value)
+        except OverflowError:  # an integer beyond float range (10**400) is no float
+            return False, value
     if tp is str:
         return isinstance(value, str), value
     return False, value
@@ -376,6 +381,33 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated within one mapping.
+
+    PyYAML keeps the last value silently; for a repeated section (two ``model:`` blocks, as when
+    two recipes are pasted together) that drops every key of the first block without a word.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found key {key!r} again (first at line {first}); each key may appear "
+                    "once per section, merge the two blocks", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds no arbitrary objects
+
+
 def parse_overrides(overrides: list[str], problems: list[str]) -> dict[str, Any]:
     """Turn ``["a.b=1", "c=x"]`` into a nested mapping; values are parsed as YAML scalars."""
     tree: dict[str, Any] = {}
@@ -386,8 +418,11 @@ def parse_overrides(overrides: list[str], problems: list[str]) -> dict[str, Any]
                             "e.g. `stage2.lr=1e-4`.")
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+            value = _load_yaml(text) if text.strip() else None
+        except (yaml.YAMLError, ValueError, RecursionError):
+            # Not a YAML scalar (or one PyYAML cannot build: an integer of more than 4,300
+            # digits raises ValueError, "[[[..." thousands deep RecursionError): keep the text,
+            # and the field's type check reports it.
             value = text
         _set_dotted(tree, key.strip(), value)
     return tree
@@ -411,9 +446,18 @@ def read_yaml(path: str | Path, problems: list[str]) -> dict[str, Any]:
                         "(recipes live in launchers/configs/).")
         return {}
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         problems.append(f"--config {path}: not valid YAML ({exc}).")
+        return {}
+    except (ValueError, RecursionError) as exc:
+        # Valid YAML PyYAML cannot build: an integer of more than 4,300 digits (ValueError) or
+        # nesting deeper than the recursion limit. Not a crash, a problem line like the others.
+        reason = "nesting too deep" if isinstance(exc, RecursionError) else str(exc)
+        problems.append(f"--config {path}: cannot be loaded ({reason}).")
+        return {}
+    except OSError as exc:
+        problems.append(f"--config {path}: cannot be read ({exc.strerror or exc}).")
         return {}
     if raw is None:
         return {}
@@ -454,11 +498,13 @@ def _check_stage(name: str, s: StageSettings, problems: list[str]) -> None:
             "lower it or set 0.")
     if not (s.lr > 0 and math.isfinite(s.lr)):
         bad("lr", s.lr, "use a positive learning rate such as 5e-4.")
-    if s.weight_decay < 0:
+    # `not x >= 0` (rather than `x < 0`) also refuses NaN, and isfinite refuses inf: both were
+    # accepted silently and would reach the optimizer.
+    if not (s.weight_decay >= 0 and math.isfinite(s.weight_decay)):
         bad("weight_decay", s.weight_decay, "use a value >= 0.")
     if s.warmup_steps < 0:
         bad("warmup_steps", s.warmup_steps, "use a value >= 0.")
-    if s.grad_clip < 0:
+    if not (s.grad_clip >= 0 and math.isfinite(s.grad_clip)):
         bad("grad_clip", s.grad_clip, "use 0 to disable clipping or a positive norm.")
 
 

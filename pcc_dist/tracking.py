@@ -1311,7 +1311,7 @@ def make_tracker(cfg: PccConfig, run_dir: Path, *, rank: int, resume_run_id: str
     pipe_file, run_file = pipe_dir / STATE_NAME, run_dir / STATE_NAME
     pipe_state = _load_state(pipe_file)
     run_state = pipe_state if run_file == pipe_file else _load_state(run_file)
-    where = {"tracking_uri": _safe_uri(uri), "experiment": cfg.tracking.experiment}
+    where = {"tracking_uri": _safe_uri(uri), "experiment": redact_text(cfg.tracking.experiment)}
 
     # Which run: resume_run_id (from the checkpoint) -> its local key, if this folder knows it.
     resume_key, resume_known = None, None
@@ -1325,8 +1325,12 @@ def make_tracker(cfg: PccConfig, run_dir: Path, *, rank: int, resume_run_id: str
         if known and key not in session.run_ids:
             session.run_ids[key] = known
         files = {run_file} | ({pipe_file} if role == "pipeline" else set())
-        session.submit({"kind": "start", "run": key, "role": role, "name": name,
-                        "experiment": cfg.tracking.experiment, "tags": redact(tags),
+        # The run name (mlflow.runName) and the experiment name are stored like tags; a token
+        # pasted into run.name used to reach MLflow verbatim while its pcc.run_name tag was
+        # redacted.
+        session.submit({"kind": "start", "run": key, "role": role, "name": redact_text(name),
+                        "experiment": redact_text(cfg.tracking.experiment),
+                        "tags": redact(tags),
                         "state_files": sorted(os.path.relpath(f, run_dir) for f in files),
                         **extra})
         handle = MlflowTracker(session, key, role, parent=parent)

@@ -172,7 +172,8 @@ def read_lines(path: Path) -> tuple[list[str], dict[int, str]]:
         treat those lines as bad rows.
 
     Raises:
-        DataError: The file is missing, unreadable, or holds nothing but whitespace.
+        DataError: The file is missing, unreadable, or holds nothing but whitespace (a BOM
+            alone counts as empty).
     """
     try:
         raw = path.read_bytes()
@@ -180,9 +181,6 @@ def read_lines(path: Path) -> tuple[list[str], dict[int, str]]:
         raise DataError("file not found", path=path) from None
     except OSError as exc:
         raise DataError(f"cannot read file: {exc.strerror}", path=path) from None
-    if not raw.strip():
-        raise DataError("file is empty (no rows); expected at least one data row", path=path,
-                        line=1)
     raw = raw.removeprefix(b"\xef\xbb\xbf")
     lines: list[str] = []
     bad: dict[int, str] = {}
@@ -193,6 +191,12 @@ def read_lines(path: Path) -> tuple[list[str], dict[int, str]]:
             bad[number] = (f"invalid UTF-8 at byte {exc.start} of the line "
                            f"({chunk[exc.start:exc.start + 4]!r})")
             lines.append(chunk.decode("utf-8", errors="replace"))
+    # Emptiness is judged on the decoded text, the way every reader skips blank lines
+    # (str.strip), not on the bytes: a BOM alone, or only Unicode whitespace such as U+001C or
+    # U+3000, left the readers with no line at all and they crashed (IndexError, StopIteration).
+    if not any(line.strip() for line in lines):
+        raise DataError("file is empty (no rows); expected at least one data row", path=path,
+                        line=1)
     return lines, bad
 
 
@@ -216,7 +220,8 @@ def parse_score(value: object, where: tuple[str, int], column: str,
                         column)
     try:
         score = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):
+        # OverflowError: a JSON integer beyond float range (10**400) is finite JSON but no float.
         raise DataError(f"score column {column!r} holds {value!r}, not a number", path, line,
                         column) from None
     if not math.isfinite(score):

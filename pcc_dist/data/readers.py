@@ -414,7 +414,9 @@ def _pair(path: str, number: int, record: dict | DataError, names: dict[str, str
         if names[role] not in record:
             raise missing_column(where, names[role], len(record),
                                  f"keys {[names[r] for r in PAIR_ROLES[:3]]}")
-    source = record.get(names["source"]) or ""
+    # Only a missing/null source means "no source"; `or ""` also turned 0, false and [] into "".
+    source = record.get(names["source"])
+    source = "" if source is None else source
     if not isinstance(source, str):
         raise DataError(f"source column {names['source']!r} holds {source!r}, not text", path,
                         number, names["source"])

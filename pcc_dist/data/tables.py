@@ -53,6 +53,12 @@ def load_table(path: Path) -> Table:
     spans = _csv_spans(path, lines) if fmt == "csv" else _tsv_spans(lines)
     (header_line, _, header), body = spans[0], spans[1:]
     columns = [name.strip() for name in header]
+    # A repeated column name would let one cell silently overwrite the other in the row dict.
+    repeated = sorted({name for name in columns if columns.count(name) > 1})
+    if repeated:
+        raise DataError(f"header names column {repeated[0]!r} more than once (columns: "
+                        f"{columns}); rename or drop the duplicate", path, header_line,
+                        repeated[0])
     rows: list[tuple[int, dict | DataError]] = []
     for start, end, fields in body:
         bad_line = next((n for n in range(start, end + 1) if n in bad_lines), None)
@@ -114,6 +120,12 @@ def _jsonl_rows(path: str, lines: list[str], bad_lines: dict[int, str]
         except json.JSONDecodeError as exc:
             rows.append((number, DataError(f"invalid JSON: {exc.msg} (column {exc.colno})",
                                            path, number)))
+            continue
+        except (ValueError, RecursionError) as exc:
+            # Valid JSON the decoder still refuses: an integer of more than 4,300 digits
+            # (ValueError) or nesting deeper than the recursion limit. One bad line, not a crash.
+            reason = "nesting too deep" if isinstance(exc, RecursionError) else str(exc)
+            rows.append((number, DataError(f"unreadable JSON value: {reason}", path, number)))
             continue
         if not isinstance(record, dict):
             rows.append((number, DataError(
