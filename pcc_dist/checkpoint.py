@@ -13,8 +13,15 @@ Layout of one stage's checkpoint folder::
 A checkpoint is written into a temporary folder by every rank, then rank 0 writes the marker and
 renames the folder. ``rename`` of a folder is atomic on POSIX, so a reader sees either no
 ``step-…`` folder or a complete one; a crash mid-write leaves only a ``.tmp-`` folder, which the
-next run deletes. The folder must be on a file system every rank sees (as DeepSpeed's own
-checkpointing also assumes).
+next run deletes. Deleting is the same protocol backwards: a checkpoint that is replaced or pruned
+is first renamed to a ``.tmp-`` name (atomic) and only then removed file by file, so a crash in
+the middle of a removal never leaves a ``step-…`` folder with its marker but without its files.
+The folder must be on a file system every rank sees (as DeepSpeed's own checkpointing also
+assumes).
+
+A write that fails (disk full, quota, permissions) raises :class:`CheckpointError` naming the
+folder and the previous complete checkpoint, which is untouched: nothing older is pruned before
+the new one is complete. The partial ``.tmp-`` folder is removed at once to give the space back.
 
 The data position is the optimizer step alone: batches are a pure function of the step
 (:mod:`pcc_dist.sampling`), so the step after resume gets the batch the interrupted run would
@@ -97,6 +104,30 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint folder so that no crash can leave it looking complete: rename it to a
+    ``.tmp-`` name first (atomic; :meth:`CheckpointManager.remove_incomplete` deletes such
+    leftovers), then delete the files."""
+    trash = path.with_name(f"{_TMP_PREFIX}discard-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def preflight_output_dir(folder: Path, min_free_bytes: int = 64 * 2**20) -> None:
     """Fail before training if ``folder`` cannot hold checkpoints.
 
@@ -165,26 +196,36 @@ class CheckpointManager:
         """Write a checkpoint of ``state.step`` atomically; a collective call on every rank."""
         final = self.folder / _step_name(state.step)
         tmp = self.folder / f"{_TMP_PREFIX}{final.name}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.barrier()
+        previous = self.latest()
         try:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self.barrier()
             engine.save_checkpoint(tmp / "engine")
             torch.save(capture_rng(), tmp / f"rng_rank{self.rank}.pt")
+            self.barrier()
+            if self.rank == 0:
+                _fsync_write(tmp / STATE_FILE, json.dumps(asdict(state), indent=2))
+                # The marker last: everything above is on disk before a reader can trust it.
+                _fsync_write(tmp / COMPLETE_MARKER, "")
+                if final.exists():  # re-saving a step (e.g. after resume: never)
+                    _discard(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.folder)
         except OSError as exc:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+            kept = (f"the previous checkpoint {previous} is intact; free space (or fix the "
+                    "folder) and run again to resume from it" if previous is not None else
+                    "no earlier checkpoint exists; free space (or fix the folder) and start "
+                    "again")
             raise CheckpointError(
-                f"writing checkpoint {tmp} failed ({exc.strerror or exc}); the previous "
-                f"checkpoint {self.latest()} is intact. Free disk space and resume.") from exc
-        self.barrier()
+                f"writing checkpoint {final.name} into {self.folder} failed "
+                f"({exc.strerror or exc}); {kept}.") from exc
         if self.rank == 0:
-            _fsync_write(tmp / STATE_FILE, json.dumps(asdict(state), indent=2))
-            _fsync_write(tmp / COMPLETE_MARKER, "")
-            if final.exists():  # re-saving a step after a resume: replace the older copy
-                shutil.rmtree(final)
-            os.replace(tmp, final)
             for old in self.complete()[:-self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
             logger.info("saved checkpoint %s", final)
         self.barrier()
         return final

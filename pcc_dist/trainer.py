@@ -198,6 +198,14 @@ class StageRunner:
         if latest is not None:
             state = checkpoints.load(engine, latest)
             self._check_resume_compatible(state, plan)
+            if state.world_size != self.dist.world_size:
+                # Same global batch, so the same batches in the same order (the plan does not
+                # depend on W) and the same loss; only per-rank dropout streams cannot carry over.
+                logger.warning("%s: resuming a checkpoint written on %d ranks on %d ranks; the "
+                               "data order and global batch are unchanged, dropout masks are "
+                               "drawn afresh", self.name, state.world_size,
+                               self.dist.world_size)
+                state.world_size = self.dist.world_size
         elif self.init_from is not None:
             engine.load_checkpoint(self.init_from / "engine", module_only=True)
             logger.info("%s starts from the weights of %s", self.name, self.init_from)
@@ -244,7 +252,6 @@ class StageRunner:
             if result.skipped:
                 state.skipped_steps += 1
                 state.consecutive_nonfinite += 1
-                self._stop_if_diverged(state, checkpoints)
             else:
                 state.consecutive_nonfinite = 0
                 state.last_loss = loss_value
@@ -253,6 +260,8 @@ class StageRunner:
             self._log_step(tracker, state, loss_value, batch_r, result, views, seconds, plan)
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}")
+            if result.skipped:  # after logging, so the step that stops the run is on record
+                self._stop_if_diverged(state, checkpoints)
 
             if (self.cfg.eval.dev and self.cfg.eval.every_steps
                     and state.step % self.cfg.eval.every_steps == 0):
@@ -272,10 +281,16 @@ class StageRunner:
     def _stop_if_diverged(self, state: TrainerState, checkpoints: CheckpointManager) -> None:
         limit = self.cfg.train.max_consecutive_nonfinite
         if state.consecutive_nonfinite >= limit:
+            # Every rank gets here at the same step: the skip decision comes from DeepSpeed's
+            # all-reduced gradient norm (TrainEngine.step), never from a rank's own loss.
+            latest = checkpoints.latest()
+            where = (f"resume from {latest}" if latest is not None else
+                     "no checkpoint was written yet, so start again")
             raise TrainingError(
                 f"{self.name}: {limit} consecutive steps had a non-finite loss or gradient "
-                f"(last at step {state.step}); every rank skipped them. Lower the learning "
-                f"rate or check the data, then resume from {checkpoints.latest()}.")
+                f"(steps {state.step - limit + 1}-{state.step}, last at step {state.step}); "
+                f"every rank skipped them. Lower the learning rate or check the data, then "
+                f"{where}.")
         logger.warning("%s step %d: non-finite loss or gradient, step skipped on every rank "
                        "(%d in a row)", self.name, state.step, state.consecutive_nonfinite)
 
@@ -367,10 +382,13 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
     from pcc_dist.modeling import save_embedder
     from pcc_dist.tracking import make_tracker
 
-    dist_info = _dist()
     run_dir = Path(cfg.run.output_dir)
+    # Every rank, before the process group and any weight load: an unwritable or full output
+    # folder fails in seconds with its name, not after the first checkpoint interval. (Each rank
+    # probes with its own file, so a shared folder is fine.)
+    preflight_output_dir(run_dir)
+    dist_info = _dist()
     if dist_info.rank == 0:
-        preflight_output_dir(run_dir)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
     _barrier(dist_info.world_size)()
     data_root = resolve_data_root(cfg.data.root)

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "launchers" / "configs" / "tiny_cpu.yaml"
-BIN = Path(sys.executable).parent
-TIMEOUT = 420
+# Launch helpers shared with the fault tests (tests/reliability/_runs.py).
+sys.path.insert(0, str(ROOT / "tests" / "reliability"))
+from _runs import BIN, CONFIG, TIMEOUT, env, free_port  # noqa: E402
+from _runs import losses as _stage_losses  # noqa: E402
 
 pytestmark = pytest.mark.distributed
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +40,6 @@ def overrides(model: Path, out: Path, *extra: str) -> list[str]:
             "eval.tasks=[]", "eval.dev=false", "train.log_every_steps=1", *extra]
 
 
-def env() -> dict[str, str]:
-    # One thread per rank: two ranks share the 2 cores of this machine.
-    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                         "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-
-
 def run(cmd: list[str], log: Path) -> None:
     with open(log, "w") as handle:
         proc = subprocess.run(cmd, cwd=ROOT, env=env(), stdout=handle, stderr=subprocess.STDOUT,
@@ -61,11 +49,8 @@ def run(cmd: list[str], log: Path) -> None:
 
 def losses(stage_dir: Path) -> dict[int, float]:
     """Step -> loss from metrics.jsonl; a step logged twice (before a kill) keeps its last line."""
-    out = {}
-    for line in (stage_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        out[record["step"]] = record["train/loss"]
-    return out
+    assert (stage_dir / "metrics.jsonl").is_file(), f"no metrics in {stage_dir}"
+    return _stage_losses(stage_dir)
 
 
 def assert_two_stages_trained(out: Path, steps: int = 3) -> None:
