@@ -30,11 +30,13 @@ Fields owned by the TrainConfig (DeepSpeed key <- pcc_dist field):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -693,10 +695,11 @@ class TrainEngine:
         saved = json.loads(world_file.read_text()) if world_file.is_file() else None
         if saved is not None and int(saved["world_size"]) != self.world_size:
             return self._load_portable(Path(folder), int(saved["world_size"]), module_only)
-        load_path, client_state = self._ds.load_checkpoint(
-            str(folder), tag=_CHECKPOINT_TAG, load_module_strict=not self._has_frozen,
-            load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only,
-            load_module_only=module_only)
+        with _weights_only_loads(self._ds.checkpoint_engine):
+            load_path, client_state = self._ds.load_checkpoint(
+                str(folder), tag=_CHECKPOINT_TAG, load_module_strict=not self._has_frozen,
+                load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only,
+                load_module_only=module_only)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load a checkpoint from {folder}")
         return dict((client_state or {}).get(_CLIENT_KEY, {}))
@@ -857,6 +860,29 @@ class TrainEngine:
                     tensor = tensor.to(dtype)
                 out[key] = tensor
         return out
+
+
+@contextlib.contextmanager
+def _weights_only_loads(checkpoint_engine: Any) -> Iterator[None]:
+    """Make DeepSpeed read checkpoint files with ``torch.load(weights_only=True)``.
+
+    DeepSpeed's torch checkpoint engine unpickles with ``weights_only=False``, so resuming from a
+    folder someone else wrote could run code hidden in it. A checkpoint is data: we allow only
+    tensors, containers and the few DeepSpeed classes its files hold (the ZeRO stage enum and the
+    loss scalers).
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = load  # instance attribute shadows the class method
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
 
 
 # stage3_param_persistence_threshold that keeps every parameter whole (more elements than any

@@ -220,6 +220,34 @@ def test_malicious_pickle_payload_is_armed(tmp_path):
     assert marker.exists()
 
 
+def test_deepspeed_checkpoint_files_load_weights_only(tmp_path):
+    # DeepSpeed's own engine unpickles with weights_only=False; TrainEngine.load_checkpoint runs
+    # it under _weights_only_loads. Its torch checkpoint engine is the real one, so the test
+    # breaks if DeepSpeed's load signature changes or our wrapper stops applying.
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from pcc_dist.engine import _weights_only_loads
+
+    marker = tmp_path / "PWNED"
+    torch.save({"module": {"w": torch.ones(2)}, "payload": _Armed(marker)}, tmp_path / "bad.pt")
+    clean = {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0),
+             "optimizer_state_dict": {"state": {0: {"exp_avg": torch.zeros(3)}}}}
+    torch.save(clean, tmp_path / "clean.pt")
+    engine = TorchCheckpointEngine()
+    with _weights_only_loads(engine):
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            engine.load(str(tmp_path / "bad.pt"), map_location="cpu")
+        assert engine.load(str(tmp_path / "clean.pt"))["zero_stage"] == ZeroStageEnum.weights
+    assert not marker.exists(), "loading a DeepSpeed checkpoint executed code from it"
+    # Negative control: outside the wrapper DeepSpeed's own load runs the payload.
+    engine.load(str(tmp_path / "bad.pt"), map_location="cpu")
+    assert marker.exists()
+
+
 def test_clean_checkpoint_still_loads(tmp_path):
     # Negative control: weights_only must not refuse what the trainer itself writes.
     manager = CheckpointManager(tmp_path / "ck", keep_last=2, rank=0, barrier=lambda: None)
