@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow lint install clean
+.PHONY: demo test test-slow lint install clean bench
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ $(STAMP): setup.py
 
 demo: $(STAMP)
 	$(PY) launchers/demo.py
+
+# Every benchmark script, one JSON with every ratio (benchmarks/results/bench.json) and PNG plots;
+# sized to finish within an hour on the 2-core CPU machine. BENCH_ARGS=--quick for a smoke run.
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" --timeout=900 -q

@@ -30,7 +30,7 @@ On CUDA the script adds Triton kernel rows (time, ``torch.cuda.max_memory_alloca
 they are skipped with the reason recorded in the JSON.
 
 Usage:
-    python benchmarks/losses.py [--repeats 5] [--threads N] [--quick]
+    python benchmarks/losses.py [--repeats 5] [--threads N] [--quick | --size-divisor K]
 
 Writes ``benchmarks/results/losses.json`` (``--quick``: tiny shapes, ``losses_quick.json``).
 """
@@ -285,9 +285,16 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
     parser.add_argument("--cases", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--size-divisor", type=int, default=1,
+                        help="divide the rows (anchors, pairs) of the full shapes by K, for a "
+                             "loaded machine (results go to losses_div<K>.json)")
     opts = parser.parse_args(argv)
     threads = opts.threads or len(os.sched_getaffinity(0))
     shapes = QUICK_SHAPES if opts.quick else SHAPES
+    if opts.size_divisor > 1 and not opts.quick:
+        k = opts.size_divisor
+        shapes = {"infonce": dict(SHAPES["infonce"], anchors=SHAPES["infonce"]["anchors"] // k),
+                  "pearson": dict(SHAPES["pearson"], pairs=SHAPES["pearson"]["pairs"] // k)}
     document: dict[str, Any] = {
         "machine": machine_facts(),
         "threads": threads,
@@ -319,7 +326,9 @@ def main(argv: list[str] | None = None) -> Path:
             }
         document["cases"][case] = result
     document["triton"] = _triton_rows()
-    return write_result("losses_quick" if opts.quick else "losses", document)
+    name = "losses_quick" if opts.quick else (
+        f"losses_div{opts.size_divisor}" if opts.size_divisor > 1 else "losses")
+    return write_result(name, document)
 
 
 if __name__ == "__main__":

@@ -896,12 +896,14 @@ def _single_rank_zero3(ds_config: dict[str, Any], world_size: int) -> dict[str, 
     With W = 1 a rank's partition of a parameter is the whole tensor, so ZeRO-3 saves no memory,
     but it still frees each parameter above ``stage3_param_persistence_threshold`` (1e5 elements
     in ds_configs/zero3.json) after use and gathers it again in every forward and backward.
-    Measured (benchmarks/train_throughput.py, all-MiniLM-L6-v2 stage 2, one CPU process, runs
-    alternating): ~1.35x more pairs/s with every parameter persistent, most of the gap to
-    ZeRO stage 0. Raising the threshold leaves the rest of ZeRO-3 as it is (partitioned fp32
-    optimizer step, the global-norm non-finite guard, the multi-backward accumulation API, the
-    checkpoint format). Not applied when parameters are offloaded (``offload_param``), where
-    resident parameters would defeat the offload.
+    Measured on all-MiniLM-L6-v2 stage 2, one CPU process, runs alternating, on a 2-core machine
+    shared with other jobs (benchmarks/train_throughput.py variant ``zero3_partitioned``):
+    1.2-1.4x more pairs/s of wall time with every parameter resident, in three experiments
+    (median over runs), at an unchanged process CPU time per step: the release/re-gather path
+    waits rather than computes. Raising the threshold leaves the rest of ZeRO-3 as it is
+    (partitioned fp32 optimizer step, the global-norm non-finite guard, the multi-backward
+    accumulation API, the checkpoint format). Not applied when parameters are offloaded
+    (``offload_param``), where resident parameters would defeat the offload.
     """
     zero = ds_config.get("zero_optimization")
     if world_size != 1 or not isinstance(zero, dict) or zero.get("stage") != 3:
