@@ -26,3 +26,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def sqlite_mlflow_store(tmp_path_factory):
+    """``(folder, uri)`` of one sqlite MLflow store per test module (creating its tables takes
+    ~6 s; tests use their own experiments). MLflow caches the store per URI and fixes its default
+    artifact root (``./mlruns``) against the cwd of that moment, so it is created from inside its
+    tmp folder: artifacts must never land in the repository."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        MlflowClient(uri).search_experiments()
+    finally:
+        os.chdir(cwd)
+    return folder, uri

@@ -311,20 +311,9 @@ SECRET_ENV = ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A sqlite MLflow store whose default artifact root lives next to it (MLflow fixes it
-    against the cwd when the store is first created)."""
-    from mlflow import MlflowClient
-
-    folder = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        MlflowClient(uri).search_experiments()
-    finally:
-        os.chdir(cwd)
-    return folder, uri
+def store(sqlite_mlflow_store):
+    """``(folder, uri)`` of the module's sqlite store (tests/conftest.py)."""
+    return sqlite_mlflow_store
 
 
 def _all_bytes(root: Path) -> list[tuple[Path, bytes]]:

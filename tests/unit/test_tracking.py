@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -42,22 +41,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One sqlite store for the module (creating its tables takes ~6 s); each test uses its own
-    experiment. MLflow caches the store per URI and fixes its default artifact root
-    (``./mlruns``) against the cwd of that moment, so it is created from inside its tmp folder:
-    artifacts must never land in the repository."""
-    from mlflow import MlflowClient
-
-    folder = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        MlflowClient(uri).search_experiments()
-    finally:
-        os.chdir(cwd)
-    return uri
+def store(sqlite_mlflow_store):
+    """URI of the module's sqlite store (tests/conftest.py); each test uses its own experiment."""
+    return sqlite_mlflow_store[1]
 
 
 @pytest.fixture(autouse=True)
