@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,6 +129,14 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _free_mib(folder: Path) -> str:
+    """Free space on ``folder``'s file system in MiB, as text ("?" when it cannot be read)."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f}"
+    except OSError:
+        return "?"
+
+
 def preflight_output_dir(folder: Path, min_free_bytes: int = 64 * 2**20) -> None:
     """Fail before training if ``folder`` cannot hold checkpoints.
 
@@ -137,9 +146,10 @@ def preflight_output_dir(folder: Path, min_free_bytes: int = 64 * 2**20) -> None
     """
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        # Every rank probes, on one shared file system across nodes: a unique name each.
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise CheckpointError(
             f"output folder {folder} is not writable ({exc.strerror or exc}); choose another "
@@ -207,28 +217,42 @@ class CheckpointManager:
             self.barrier()
             if self.rank == 0:
                 _fsync_write(tmp / STATE_FILE, json.dumps(asdict(state), indent=2))
-                # The marker last: everything above is on disk before a reader can trust it.
+                # The marker last: a process that dies before it leaves a folder no reader
+                # trusts. (Only the state and the marker are fsynced: this guards against a
+                # crashed process, not against losing power.)
                 _fsync_write(tmp / COMPLETE_MARKER, "")
-                if final.exists():  # re-saving a step (e.g. after resume: never)
+                if final.exists():  # a step saved twice: replaced, never merged
                     _discard(final)
                 os.replace(tmp, final)
                 _fsync_dir(self.folder)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
+            # torch.save reports a full disk as a RuntimeError from its zip writer ("unexpected
+            # pos ..."), not as OSError(ENOSPC): the free space is named to make that plain.
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             kept = (f"the previous checkpoint {previous} is intact; free space (or fix the "
                     "folder) and run again to resume from it" if previous is not None else
                     "no earlier checkpoint exists; free space (or fix the folder) and start "
                     "again")
             raise CheckpointError(
-                f"writing checkpoint {final.name} into {self.folder} failed "
-                f"({exc.strerror or exc}); {kept}.") from exc
+                f"writing checkpoint {final.name} into {self.folder} failed ({reason}; "
+                f"{_free_mib(self.folder)} MiB free there); {kept}.") from exc
         if self.rank == 0:
-            for old in self.complete()[:-self.keep_last]:
-                _discard(old)
+            self._prune()
             logger.info("saved checkpoint %s", final)
         self.barrier()
         return final
+
+    def _prune(self) -> None:
+        """Delete all but the newest ``keep_last`` complete checkpoints (rank 0). The new
+        checkpoint is already in place: a failure here costs disk space, not the run."""
+        for old in self.complete()[:-self.keep_last]:
+            try:
+                _discard(old)
+            except OSError as exc:
+                logger.warning("could not delete old checkpoint %s (%s); it stays on disk",
+                               old, exc.strerror or exc)
 
     def load(self, engine: SavesCheckpoints, path: Path) -> TrainerState:
         """Restore engine, this rank's RNG and the trainer counters from ``path``."""

@@ -691,10 +691,9 @@ class TrainEngine:
             raise FileNotFoundError(f"{folder} holds no engine checkpoint (no "
                                     f"{_CHECKPOINT_TAG}/ folder); pass a folder written by "
                                     "TrainEngine.save_checkpoint")
-        world_file = Path(folder) / _WORLD_FILE
-        saved = json.loads(world_file.read_text()) if world_file.is_file() else None
-        if saved is not None and int(saved["world_size"]) != self.world_size:
-            return self._load_portable(Path(folder), int(saved["world_size"]), module_only)
+        saved_world = _saved_world_size(Path(folder) / _WORLD_FILE)
+        if saved_world is not None and saved_world != self.world_size:
+            return self._load_portable(Path(folder), saved_world, module_only)
         with _weights_only_loads(self._ds.checkpoint_engine):
             load_path, client_state = self._ds.load_checkpoint(
                 str(folder), tag=_CHECKPOINT_TAG, load_module_strict=not self._has_frozen,
@@ -756,8 +755,7 @@ class TrainEngine:
                 f"{folder} was written on {saved_world} ranks and this run has "
                 f"{self.world_size}; its ZeRO partitions only load on {saved_world} ranks and "
                 f"the trainable state was too large (> {PORTABLE_MAX_NUMEL} elements) for a "
-                f"portable copy. Resume on {saved_world} ranks, or consolidate the checkpoint "
-                "with DeepSpeed's ds_to_universal first.")
+                f"portable copy. Resume on {saved_world} ranks.")
         # weights_only: a checkpoint is data, never code to execute.
         data = torch.load(path, map_location="cpu", weights_only=True)
         trainable = self._trainable()
@@ -767,8 +765,17 @@ class TrainEngine:
                 f"{path} holds other trainable tensors than this model (e.g. "
                 f"{sorted(names ^ set(data['params']))[:3]}); resume with the same model.mode "
                 "and LoRA settings.")
-        restore_moments = not module_only and all(len(data[k]) == len(names)
-                                                  for k in _ADAM_MOMENTS)
+        moment_counts = {len(data[k]) for k in _ADAM_MOMENTS}
+        # All tensors have moments, or none do because Adam had not stepped yet (every step so
+        # far skipped); anything else is a damaged file, and resuming with fresh moments would
+        # silently change the trajectory.
+        if moment_counts not in ({len(names)}, {0}) or (moment_counts == {0}
+                                                         and data["adam_step"] > 0):
+            raise CheckpointError(
+                f"{path} holds Adam moments for {sorted(moment_counts)} of {len(names)} "
+                f"trainable tensors after {data['adam_step']:g} Adam steps: the file is "
+                "damaged; resume from an earlier checkpoint.")
+        restore_moments = not module_only and moment_counts == {len(names)}
         if restore_moments:
             self._init_adam_state(data["adam_step"])
         for name, param in trainable:
@@ -787,7 +794,7 @@ class TrainEngine:
                 group["lr"] = lr
         logger.info("loaded %s (written on %d ranks) on %d ranks from its portable copy%s",
                     folder, saved_world, self.world_size,
-                    "" if restore_moments or module_only else " (no Adam moments saved)")
+                    "" if restore_moments or module_only else " (Adam had not stepped yet)")
         return {}
 
     def _init_adam_state(self, step: float) -> None:
@@ -888,6 +895,24 @@ def _weights_only_loads(checkpoint_engine: Any) -> Iterator[None]:
 # stage3_param_persistence_threshold that keeps every parameter whole (more elements than any
 # model has).
 _PERSIST_ALL = 10**15
+
+
+def _saved_world_size(world_file: Path) -> int | None:
+    """The world size recorded in a checkpoint's ``world.json`` (None for older checkpoints
+    without one: they are loaded as written on this world size).
+
+    Raises:
+        CheckpointError: the file exists but is not ``{"world_size": <int>, ...}``.
+    """
+    from pcc_dist.checkpoint import CheckpointError
+
+    if not world_file.is_file():
+        return None
+    try:
+        return int(json.loads(world_file.read_text(encoding="utf-8"))["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{world_file} is damaged ({exc!r}); resume from an earlier "
+                              "checkpoint.") from exc
 
 
 def _single_rank_zero3(ds_config: dict[str, Any], world_size: int) -> dict[str, Any]:

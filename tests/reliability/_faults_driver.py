@@ -10,14 +10,14 @@ The faults come as JSON in ``PCC_TEST_FAULTS``:
   to ``rank<r>.jsonl`` there, digest = SHA-256 of its trainable weights gathered whole.
 * ``kill_before_marker``: step s; the process SIGKILLs itself inside the save of step s, after
   the engine files, RNG and trainer state are written and before the COMPLETE marker.
-* ``enospc_at``: step s; every ``torch.save`` into the checkpoint of step s raises
-  ``OSError(ENOSPC)``, as a full disk would.
+* ``enospc_at``: step s; every ``torch.save`` into the checkpoint of step s writes onto
+  ``/dev/full`` instead, a device that is always out of space: the real failure of a full disk
+  (torch's zip writer raises RuntimeError, not OSError).
 * ``free_bytes``: n; the output folder's file system reports n bytes free.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -93,7 +93,7 @@ def _patch_enospc() -> None:
 
     def full_disk_save(obj, f, *args, **kwargs):
         if isinstance(f, (str, os.PathLike)) and target in str(f):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+            f = "/dev/full"
         return save(obj, f, *args, **kwargs)
 
     torch.save = full_disk_save

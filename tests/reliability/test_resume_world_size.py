@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 from _runs import (
     STEPS,
     assert_same_losses,
@@ -73,3 +74,25 @@ def test_resume_on_another_world_size_follows_the_same_trajectory(tmp_path_facto
                        TOL_ACROSS_W)
     # The compared values are real, varied losses, not constants that match trivially.
     assert len({round(v, 4) for v in got.values()}) >= 8
+
+
+def test_negative_control_resume_with_lost_adam_moments_leaves_the_trajectory(
+        tmp_path_factory, tmp_path):
+    """The same 2 -> 1 resume with the portable copy's Adam moments zeroed (as a conversion that
+    lost them would): the losses must leave the tolerance above, so that test can tell."""
+    source = reference(tmp_path_factory, 2)
+    name = f"step-{RESUME_AT:08d}"
+    out = tmp_path / "run"
+    target = out / "stage2" / "checkpoints" / name
+    shutil.copytree(source / "stage2" / "checkpoints" / name, target)
+    portable = target / "engine" / "portable_state.pt"
+    state = torch.load(portable, weights_only=True)
+    for key in ("exp_avg", "exp_avg_sq"):
+        state[key] = {n: torch.zeros_like(t) for n, t in state[key].items()}
+    torch.save(state, portable)
+
+    run(train_cmd(1, tiny_llama(tmp_path_factory), out), tmp_path / "log.txt")
+    got = losses(out / "stage2")
+    expected = losses(source / "stage2")
+    worst = max(abs(got[s] - expected[s]) for s in range(RESUME_AT + 1, STEPS + 1))
+    assert worst > 100 * TOL_ACROSS_W, worst

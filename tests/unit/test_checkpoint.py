@@ -1,10 +1,12 @@
 """Checkpoint manager: atomic publish, pruning, RNG restore, incomplete writes, preflight."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+import pcc_dist.checkpoint as checkpoint_module
 from pcc_dist.checkpoint import (
     COMPLETE_MARKER,
     CheckpointError,
@@ -22,6 +24,9 @@ class FakeEngine:
         self.fail = fail
 
     def save_checkpoint(self, folder):
+        if self.fail == "full_device":
+            # A real write onto a device with no space: torch's zip writer raises RuntimeError.
+            torch.save(torch.zeros(2**16), "/dev/full")
         if self.fail:
             raise OSError(28, "No space left on device")
         folder.mkdir(parents=True)
@@ -78,6 +83,48 @@ def test_failed_save_keeps_previous_and_names_it(tmp_path):
         ckpt.save(FakeEngine(2.0, fail=True), TrainerState(stage="s", step=2))
     assert ckpt.latest() == good
     assert (good / COMPLETE_MARKER).exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_torch_save_onto_a_full_device_is_a_checkpoint_error(tmp_path):
+    ckpt = manager(tmp_path)
+    good = ckpt.save(FakeEngine(1.0), TrainerState(stage="s", step=1))
+    with pytest.raises(CheckpointError, match=r"step-00000002 .* failed \(.*MiB free there\); "
+                                              r"the previous checkpoint .*step-00000001 is intact"):
+        ckpt.save(FakeEngine(2.0, fail="full_device"), TrainerState(stage="s", step=2))
+    assert ckpt.latest() == good
+    assert sorted(p.name for p in ckpt.folder.iterdir()) == [good.name]
+
+
+def test_failure_to_prune_an_old_checkpoint_does_not_fail_the_save(tmp_path, monkeypatch, caplog):
+    ckpt = manager(tmp_path, keep_last=1)
+    first = ckpt.save(FakeEngine(1.0), TrainerState(stage="s", step=1))
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint_module, "_discard", refuse)
+    second = ckpt.save(FakeEngine(2.0), TrainerState(stage="s", step=2))
+    assert ckpt.latest() == second
+    assert first.is_dir()  # still there, and said so
+    assert f"could not delete old checkpoint {first} (Permission denied)" in caplog.text
+
+
+def test_preflight_probes_with_a_unique_name_per_process(tmp_path, monkeypatch):
+    """Ranks on several nodes probe one shared folder: no fixed (pid-only) name to collide."""
+    names = []
+    real_mkstemp = checkpoint_module.tempfile.mkstemp
+
+    def spy(*args, **kwargs):
+        fd, path = real_mkstemp(*args, **kwargs)
+        names.append(Path(path).name)
+        return fd, path
+
+    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", spy)
+    preflight_output_dir(tmp_path)
+    preflight_output_dir(tmp_path)
+    assert len(set(names)) == 2 and all(n.startswith(".write-probe-") for n in names)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_load_refuses_incomplete(tmp_path):
