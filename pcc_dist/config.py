@@ -389,18 +389,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
+        seen: dict[Any, yaml.Mark] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: merged defaults, which the explicit keys may override
             key = self.construct_object(key_node, deep=deep)
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = seen.setdefault(key, key_node.start_mark)
             except TypeError:  # unhashable key: the base class reports it
                 continue
-            if first != key_node.start_mark.line + 1:
+            if first is not key_node.start_mark:
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping", node.start_mark,
-                    f"found key {key!r} again (first at line {first}); each key may appear "
-                    "once per section, merge the two blocks", key_node.start_mark)
+                    f"found key {key!r} again (first at line {first.line + 1}, column "
+                    f"{first.column + 1}); each key may appear once per section, merge the two "
+                    "blocks", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
 

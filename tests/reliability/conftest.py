@@ -21,3 +21,15 @@ settings.register_profile(
     # Examples write real files; generating a few large byte strings is slow but intended.
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many generated inputs the hostile-input properties tried (the closing-note figure)."""
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        tried = getattr(module, "TRIED", None) if name.endswith("test_hostile_inputs") else None
+        if tried:
+            terminalreporter.write_line(
+                f"hostile-input properties tried {sum(tried.values())} inputs: "
+                + ", ".join(f"{k}={v}" for k, v in sorted(tried.items())))
