@@ -276,6 +276,8 @@ def train_pcc(lr: float, out: Path, hp: dict[str, Any]) -> dict[str, Any]:
                  f"stage2.epochs={hp['epochs']}", f"stage2.global_batch_size={hp['batch_size']}",
                  f"stage2.warmup_steps={hp['warmup_steps']}",
                  f"stage2.max_length={hp['max_length']}", "eval.tasks=[]",
+                 # One metrics line per step: the step times below are summed from them.
+                 "train.log_every_steps=1",
                  "tracking.backend=none", "checkpoint.resume=never"]
     if hp["max_steps"]:
         overrides.append(f"stage2.max_steps={hp['max_steps']}")
@@ -294,79 +296,18 @@ def train_pcc(lr: float, out: Path, hp: dict[str, Any]) -> dict[str, Any]:
     if code != 0:
         tail = "".join(log.read_text(encoding="utf-8").splitlines(keepends=True)[-20:])
         raise RuntimeError(f"pcc-train exited with {code}; last lines of {log}:\n{tail}")
-    return pcc_run_info(out, hp, overrides, seconds)
-
-
-def pcc_run_info(out: Path, hp: dict[str, Any], overrides: list[str] | None,
-                 process_seconds: float | None) -> dict[str, Any]:
-    """What :func:`train_pcc` reports, read from a finished ``pcc-train`` run folder."""
-    log = out.parent / f"{out.name}.log"
     outcome = json.loads((out / "stage2" / "outcome.json").read_text())
     rows = [json.loads(line) for line in
             (out / "stage2" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = {row["step"]: row for row in rows}  # the last line of a step wins
     step_seconds = sum(hp["batch_size"] / row["perf/pairs_per_s"] for row in steps.values())
     return {"train_seconds": step_seconds, "stage_seconds": outcome["seconds"],
-            "process_seconds": process_seconds, "steps": outcome["steps"],
+            "process_seconds": seconds, "steps": outcome["steps"],
             "final_loss": outcome["final_loss"], "trainer_dev": outcome["stsb_dev_spearman"],
             "decontamination": outcome["decontamination"],
             "command": " ".join([".venv/bin/pcc-train", "--config",
-                                 str(DEMO_CONFIG.relative_to(REPO_ROOT)), *(overrides or [])]),
+                                 str(DEMO_CONFIG.relative_to(REPO_ROOT)), *overrides]),
             "log": _rel(log)}
-
-
-TRAINED = "trained.json"
-LOCK = ".training"
-
-
-def _hp_key(hp: dict[str, Any], lr: float) -> dict[str, Any]:
-    """The settings a reused model must have been trained with."""
-    keys = ("epochs", "batch_size", "warmup_steps", "max_length", "weight_decay", "grad_clip",
-            "seed", "max_steps", "n_train_pairs")
-    return {"lr": lr, **{k: hp[k] for k in keys}}
-
-
-def reused(out: Path, name: str, hp: dict[str, Any], lr: float,
-           poll_seconds: float = 10.0) -> dict[str, Any] | None:
-    """Training record of ``out`` if it holds a finished model trained with these settings.
-
-    Waits while another process holds the folder's lock (``--train-only`` running in parallel).
-    A ``pcc-train`` folder without ``trained.json`` (finished, but by an earlier version of this
-    script) is read from its own outcome files.
-    """
-    while (out / LOCK).exists() and not (out / TRAINED).exists():
-        time.sleep(poll_seconds)
-    if not (out / "model").is_dir():
-        return None
-    if (out / TRAINED).is_file():
-        record = json.loads((out / TRAINED).read_text())
-        return record["trained"] if record["hp"] == _hp_key(hp, lr) else None
-    if name == "pcc" and (out / "stage2" / "outcome.json").is_file():
-        import yaml
-
-        saved = yaml.safe_load((out / "config.yaml").read_text())["stage2"]
-        if (saved["lr"] == lr and saved["global_batch_size"] == hp["batch_size"]
-                and saved["warmup_steps"] == hp["warmup_steps"]
-                and saved["max_length"] == hp["max_length"]):
-            return pcc_run_info(out, hp, None, None)
-    return None
-
-
-SCORES = "scores.json"
-
-
-def cached_score(out: Path, key: str, reuse: bool, compute):
-    """``compute()``, cached under ``key`` in ``out/scores.json`` (read back only when
-    ``reuse``; the cache is dropped with the run folder whenever the model is retrained)."""
-    path = Path(out).resolve() / SCORES
-    cache = json.loads(path.read_text()) if path.is_file() else {}
-    if reuse and key in cache:
-        return cache[key]
-    cache[key] = compute()
-    # Two workers may score different keys of one folder: re-read before writing.
-    latest = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps(latest | {key: cache[key]}, indent=2))
-    return cache[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,19 +386,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="peer_quality", help="results file stem.")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                         help="folder for the JSON and PNG (default benchmarks/results).")
-    parser.add_argument("--reuse-trained", action="store_true",
-                        help="reuse a run folder's trained model when its hyperparameters match "
-                             "(waits for one another process is still training); the JSON "
-                             "says so.")
-    parser.add_argument("--train-only", action="store_true",
-                        help="train the --methods (any subset) into the run folders and stop: "
-                             "a second process for --reuse-trained to pick up.")
-    parser.add_argument("--no-json", action="store_true",
-                        help="train and score the --methods (any subset, cached in their run "
-                             "folders) without writing the results: a worker for a later "
-                             "--reuse-trained run.")
-    parser.add_argument("--note", default=None, help="free text stored in the JSON "
-                        "(e.g. how a --reuse-trained run was produced).")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the PNG from the existing JSON (no training).")
     args = parser.parse_args(argv)
@@ -468,8 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(rows, args.results_dir / f"{args.out}.png", document["plot_title"])
         print(table(rows))
         return 0
-    partial = args.train_only or args.no_json
-    if not partial and ("pcc" not in args.methods or len(args.methods) < 2):
+    if "pcc" not in args.methods or len(args.methods) < 2:
         parser.error("--methods must include pcc and at least one peer")
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -495,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
           "weight_decay": 0.0, "grad_clip": 1.0, "schedule": "linear (warmup, then to 0)",
           "optimizer": "AdamW (torch), betas (0.9, 0.999), eps 1e-8", "seed": args.seed,
           "max_steps": args.max_steps, "lr_grid": args.lrs, "drop_last": True,
-          "n_train_pairs": len(pairs), "steps_per_epoch": len(pairs) // 64,
+          "n_train_pairs": len(pairs), "steps_per_epoch": len(pairs) // 64,  # drop_last
           "label_scaling": "per source: stsb s/5, sickr (s-1)/4 -> [0, 1]"}
     logger.info("%d training pairs %s after de-contamination (removed %s); lr grid %s",
                 len(pairs), by_source, contamination["removed_per_source"], args.lrs)
@@ -525,44 +452,26 @@ def main(argv: list[str] | None = None) -> int:
             out = args.run_dir / f"{name}_lr{lr:g}"
             folder = out / "model"
             tick = time.perf_counter()
-            trained = reused(out, name, hp, lr) if args.reuse_trained else None
-            if trained is None:
-                if out.exists():
-                    shutil.rmtree(out)
-                out.mkdir(parents=True)
-                (out / LOCK).write_text(str(os.getpid()))
-                print(f"[{done}/{total}] {label}, lr {lr:g}: training ...  (elapsed "
-                      f"{elapsed()})", flush=True)
-                if loss_name is None:
-                    trained = train_pcc(lr, out, hp)
-                else:
-                    torch.manual_seed(args.seed)
-                    trained = train_sentence_transformers(loss_name, pairs, lr, out, hp)
-                (out / TRAINED).write_text(json.dumps(
-                    {"hp": _hp_key(hp, lr), "trained": trained}, indent=2))
-                (out / LOCK).unlink()
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            print(f"[{done}/{total}] {label}, lr {lr:g}: training ...  (elapsed {elapsed()})",
+                  flush=True)
+            if loss_name is None:
+                trained = train_pcc(lr, out, hp)
             else:
-                trained = {**trained, "reused": True}
-                print(f"[{done}/{total}] {label}, lr {lr:g}: reusing the trained model in {out} "
-                      f"(--reuse-trained)", flush=True)
-            if args.train_only:
-                print(f"[{done}/{total}] {label}, lr {lr:g}: {trained['steps']} steps, trained "
-                      f"in {trained['train_seconds']:.0f} s (elapsed {elapsed()})", flush=True)
-                continue
-            dev = cached_score(out, "dev", args.reuse_trained,
-                               lambda f=folder: scorer.dev_spearman(scorer.load(f)))
+                torch.manual_seed(args.seed)
+                trained = train_sentence_transformers(loss_name, pairs, lr, out, hp)
+            dev = scorer.dev_spearman(scorer.load(folder))
             candidate = {"lr": lr, "dev": dev, "folder": _rel(folder), **trained}
             candidates[name].append(candidate)
             print(f"[{done}/{total}] {label}, lr {lr:g}: {trained['steps']} steps, trained in "
                   f"{trained['train_seconds']:.0f} s, STS-B dev {dev:.2f}  "
                   f"({time.perf_counter() - tick:.0f} s; elapsed {elapsed()})", flush=True)
-        if args.train_only:
-            continue
         chosen = select_by_dev(candidates[name])
         tick = time.perf_counter()
         best = REPO_ROOT / chosen["folder"]
-        result = cached_score(best.parent, "sts7", args.reuse_trained,
-                              lambda f=best: scorer.sts7(scorer.load(f)))
+        result = scorer.sts7(scorer.load(best))
         rows[name] = {"label": label, "loss": loss_name or "PearsonLoss (1 - r)",
                       "trainer": "pcc-train (DeepSpeed ZeRO-3, 1 CPU rank)" if loss_name is None
                       else "SentenceTransformerTrainer",
@@ -573,8 +482,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['avg']:.2f}  ({time.perf_counter() - tick:.0f} s; elapsed {elapsed()})",
               flush=True)
 
-    if args.train_only or args.no_json:
-        return 0
     methods = {n: r for n, r in rows.items() if n != "baseline"}
     outcome = verdict({n: r["sts7"]["avg"] for n, r in methods.items()})
     smoke = bool(args.max_steps or args.eval_limit)
@@ -606,8 +513,6 @@ def main(argv: list[str] | None = None) -> int:
             "engine": "ours through DeepSpeed ZeRO-3 on one CPU rank (pcc-train); ST through "
                       "the Hugging Face Trainer (plain torch)",
         },
-        "reuse_trained": args.reuse_trained,
-        "note": args.note,
         "data": {"n_pairs": len(pairs), "per_source": by_source,
                  "decontamination": contamination},
         "methods": methods,

@@ -4,7 +4,6 @@ Each script runs as a subprocess with sizes chosen so that the whole run fits in
 2-core CPU machine (``--quick`` instead runs smoke sizes in a few minutes); its progress line
 shows the elapsed time. A script that fails or times out does not stop the others: its exit code
 and the tail of its stderr go into ``bench.json``, and ``run_all`` exits non-zero at the end.
-``peer_quality.py`` (written separately) runs only when it exists; otherwise its row says so.
 
 Everything a script wrote is read back from its own JSON in ``benchmarks/results/``; ratios are
 extracted by the small functions in :data:`EXTRACTORS` (one per script) into rows
@@ -21,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +37,8 @@ from _common import RESULTS_DIR, machine_facts, write_result  # noqa: E402
 
 @dataclass(frozen=True)
 class Script:
-    """One benchmark script: its file, arguments (full and quick), results stem and time limit."""
+    """One benchmark script: its file, arguments (full and quick), results stem, time limit and
+    plot suffixes."""
 
     name: str
     args: tuple[str, ...] = ()
@@ -45,12 +46,15 @@ class Script:
     result: str = ""
     quick_result: str = ""
     timeout: float = 1200.0
-    optional: bool = False
     plots: tuple[str, ...] = field(default_factory=tuple)
 
     def result_stem(self, quick: bool) -> str:
         base = self.result or self.name
         return (self.quick_result or base) if quick else base
+
+    def plot_files(self, quick: bool) -> list[Path]:
+        """The PNGs the script writes: ``<result stem><suffix>.png`` for each of ``plots``."""
+        return [RESULTS_DIR / f"{self.result_stem(quick)}{suffix}.png" for suffix in self.plots]
 
 
 # Sizes chosen so that the whole run fits in an hour on the 2-core machine while other jobs share
@@ -74,18 +78,18 @@ SCRIPTS: tuple[Script, ...] = (
            quick_args=("--steps", "2", "--warmup", "1", "--repeats", "1", "--variants", "zero3",
                        "--out", "train_throughput_quick"),
            quick_result="train_throughput_quick", timeout=1800,
-           plots=("train_throughput.png",)),
+           plots=("",)),
     Script("comm_bytes", args=(), quick_args=("--batches", "64", "256", "--dim", "1024",
                                               "--out", "comm_bytes_quick"),
-           quick_result="comm_bytes_quick", timeout=900, plots=("comm_bytes.png",)),
+           quick_result="comm_bytes_quick", timeout=900, plots=("",)),
     Script("scaling", args=("--rank-steps", "3"), quick_args=("--quick", "--out", "scaling_quick"),
            quick_result="scaling_quick", timeout=2100,
-           plots=("scaling_losses.png", "scaling_gradcache.png", "scaling_ranks.png")),
+           plots=("_losses", "_gradcache", "_ranks")),
     # Four MiniLM trainings + five STS7 evaluations: ~20 min on a quiet machine.
     Script("peer_quality", args=(), quick_args=("--max-steps", "2", "--eval-limit", "20",
                                                 "--out", "peer_quality_quick"),
-           quick_result="peer_quality_quick", optional=True, timeout=2400,
-           plots=("peer_quality.png",)),
+           quick_result="peer_quality_quick", timeout=2400,
+           plots=("",)),
 )
 
 
@@ -206,69 +210,15 @@ def _scaling(doc: dict) -> list[Row]:
 
 
 def _peer_quality(doc: dict) -> list[Row]:
-    """peer_quality.json's ``acceptance`` block and per-method STS7 averages; falls back to a
-    search for STS7 averages if the schema changes."""
-    rows = []
+    """Per-method STS7 averages and the acceptance margin (ours minus the best peer)."""
     smoke = " (SMOKE TEST sizes)" if doc.get("smoke_test") else ""
-    acc = doc.get("acceptance")
-    if isinstance(acc, dict) and "ours_avg" in acc:
-        for name, method in (doc.get("methods") or {}).items():
-            rows.append(_row("peer_quality", f"STS7 avg, {method.get('label', name)}",
-                             method.get("sts7", {}).get("avg"), f"lr {method.get('lr')}{smoke}"))
-        rows.append(_row("peer_quality", f"STS7 avg difference, ours - best peer "
-                         f"({acc.get('best_peer')})", acc.get("margin"),
-                         f"ours {acc['ours_avg']:.2f} vs {acc.get('best_peer_avg', 0):.2f}"
-                         f"{smoke}"))
-        return rows
-    ours = _find_number(doc, ("ours", "pcc", "pearson"), "avg")
-    best = _find_best_peer(doc)
-    if ours is not None:
-        rows.append(_row("peer_quality", "STS7 avg, ours (Pcc)", ours))
-    if best is not None:
-        rows.append(_row("peer_quality", f"STS7 avg, best sentence-transformers loss "
-                         f"({best[0]})", best[1]))
-        if ours is not None:
-            rows.append(_row("peer_quality", "STS7 avg difference, ours - best ST loss",
-                             ours - best[1]))
-    if not rows:
-        rows.append(_row("peer_quality", "STS7 averages", None,
-                         "no recognisable STS7 averages in peer_quality.json; see the file"))
+    rows = [_row("peer_quality", f"STS7 avg, {method['label']}", method["sts7"]["avg"],
+                 f"lr {method['lr']:g}{smoke}") for method in doc["methods"].values()]
+    acc = doc["acceptance"]
+    rows.append(_row("peer_quality", f"STS7 avg difference, ours - best peer "
+                     f"({acc['best_peer']})", acc["margin"],
+                     f"ours {acc['ours_avg']:.2f} vs {acc['best_peer_avg']:.2f}{smoke}"))
     return rows
-
-
-def _iter_items(node: Any, path: tuple = ()):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield path + (str(key),), value
-            yield from _iter_items(value, path + (str(key),))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _iter_items(value, path + (str(i),))
-
-
-def _find_number(doc: dict, names: tuple[str, ...], leaf: str) -> float | None:
-    for path, value in _iter_items(doc):
-        if (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and path[-1].lower() in (leaf, f"sts7_{leaf}", f"{leaf}_sts7")
-                and any(n in p.lower() for p in path[:-1] for n in names)):
-            return float(value)
-    return None
-
-
-def _find_best_peer(doc: dict) -> tuple[str, float] | None:
-    best: tuple[str, float] | None = None
-    for path, value in _iter_items(doc):
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            continue
-        if path[-1].lower() not in ("avg", "sts7_avg", "avg_sts7"):
-            continue
-        label = "/".join(path[:-1])
-        low = label.lower()
-        if any(n in low for n in ("ours", "pcc", "pearson", "baseline", "before", "untrained")):
-            continue
-        if best is None or value > best[1]:
-            best = (label, float(value))
-    return best
 
 
 EXTRACTORS: dict[str, Callable[[dict], list[Row]]] = {
@@ -321,7 +271,12 @@ def aggregate(statuses: dict[str, dict[str, Any]], documents: dict[str, dict]) -
     """bench.json content from per-script statuses and their loaded JSON documents."""
     rows: list[Row] = []
     for name, doc in documents.items():
-        rows.extend(extract_rows(name, doc))
+        extracted = extract_rows(name, doc)
+        if any(r["metric"] == "extraction failed" for r in extracted):
+            statuses[name] = {**statuses[name], "status": "failed",
+                              "reason": f"its JSON does not have the expected fields: "
+                                        f"{extracted[0]['detail']}"}
+        rows.extend(extracted)
     failed = [n for n, st in statuses.items() if st["status"] in ("failed", "timeout")]
     # GPU-only rows (Triton vs torch, model FLOP utilisation): what each script measured, or why
     # it skipped them.
@@ -337,26 +292,28 @@ def aggregate(statuses: dict[str, dict[str, Any]], documents: dict[str, dict]) -
 
 
 def run_script(script: Script, quick: bool, log_dir: Path) -> dict[str, Any]:
+    """Run one script to completion (or its timeout) with its output in ``log_dir``."""
     path = HERE / f"{script.name}.py"
-    if not path.exists():
-        return {"status": "absent" if script.optional else "failed",
-                "reason": f"{path.relative_to(HERE.parent)} does not exist yet"}
     cmd = [sys.executable, str(path), *(script.quick_args if quick else script.args)]
     log = log_dir / f"{script.name}.log"
     env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1")
     started = time.perf_counter()
     status: dict[str, Any] = {"command": " ".join(cmd[1:]), "log": str(log)}
-    try:
-        with open(log, "w", encoding="utf-8") as handle:
-            proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT,
-                                  timeout=script.timeout, cwd=HERE.parent, env=env)
-        code = proc.returncode
-        status["status"] = "ok" if code == 0 else "failed"
-        status["exit_code"] = code
-    except subprocess.TimeoutExpired:
-        status["status"] = "timeout"
-        status["reason"] = f"killed after {script.timeout:.0f} s"
+    with open(log, "w", encoding="utf-8") as handle:
+        # Its own process group: on a timeout the script's children (torchrun ranks, pcc-train
+        # runs) are killed with it instead of holding the cores for the next script.
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT,
+                                cwd=HERE.parent, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=script.timeout)
+            status["status"] = "ok" if code == 0 else "failed"
+            status["exit_code"] = code
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status["status"] = "timeout"
+            status["reason"] = f"killed after {script.timeout:.0f} s"
     status["seconds"] = time.perf_counter() - started
     if status["status"] != "ok":
         text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
@@ -374,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results stem (default bench / "
                         "bench_quick)")
     args = parser.parse_args(argv)
+    known = {s.name for s in SCRIPTS}
+    unknown = sorted((set(args.only or []) | set(args.skip)) - known)
+    if unknown:
+        parser.error(f"unknown script(s) {unknown}; choose from {sorted(known)}")
     log_dir = RESULTS_DIR / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -394,15 +355,19 @@ def main(argv: list[str] | None = None) -> int:
             if st["status"] in ("failed", "timeout"):
                 print("    " + "\n    ".join(st.get("stderr_tail", "").splitlines()[-8:]),
                       flush=True)
+        st = statuses[script.name]
         result = RESULTS_DIR / f"{script.result_stem(args.quick)}.json"
-        if statuses[script.name]["status"] in ("ok", "skipped") and result.exists():
+        if st["status"] == "ok" and not result.exists():
+            st.update(status="failed", reason=f"exited 0 but wrote no {result.name}")
+        if st["status"] in ("ok", "skipped") and result.exists():
             documents[script.name] = json.loads(result.read_text(encoding="utf-8"))
-            statuses[script.name]["result"] = str(result.relative_to(HERE.parent))
+            st["result"] = str(result.relative_to(HERE.parent))
     bench = aggregate(statuses, documents)
+    plots = [png for script in selected if script.name in documents
+             for png in script.plot_files(args.quick)]
     bench = {"benchmark": "bench", "machine": machine_facts(), "quick": args.quick,
              "total_seconds": time.perf_counter() - started,
-             "plots": sorted(str(p.relative_to(HERE.parent)) for p in RESULTS_DIR.glob("*.png")),
-             **bench}
+             "plots": [str(p.relative_to(HERE.parent)) for p in plots if p.exists()], **bench}
     path = write_result(args.out or ("bench_quick" if args.quick else "bench"), bench)
     print()
     print(summary_table(bench["ratios"], statuses))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,18 +71,6 @@ def test_comm_bytes_and_scaling_rows():
     assert values["ZeRO-3 2 ranks / 1 rank pairs/s (2 cores)"] == 0.5
 
 
-def test_peer_quality_is_read_whatever_the_nesting():
-    doc = {"results": {"ours_pcc": {"sts7": {"avg": 80.0}},
-                       "st_CoSENTLoss": {"sts7": {"avg": 79.0}},
-                       "st_AnglELoss": {"sts7": {"avg": 79.5}},
-                       "baseline": {"avg": 78.9}}}
-    values = {r["metric"]: r["value"] for r in run_all.extract_rows("peer_quality", doc)}
-    assert values["STS7 avg, ours (Pcc)"] == 80.0
-    best = [m for m in values if m.startswith("STS7 avg, best")]
-    assert best and "AnglE" in best[0] and values[best[0]] == 79.5
-    assert values["STS7 avg difference, ours - best ST loss"] == pytest.approx(0.5)
-
-
 def test_a_schema_change_gives_a_row_not_a_crash():
     rows = run_all.extract_rows("eval_speed", {"ratio_ours_over_theirs_mean": "oops"})
     assert rows[0]["metric"] == "extraction failed"
@@ -91,22 +80,61 @@ def test_aggregate_marks_failures_and_the_table_shows_them():
     statuses = {"eval_speed": {"status": "ok", "seconds": 10.0},
                 "losses": {"status": "failed", "seconds": 2.0, "reason": "exit code 1",
                            "stderr_tail": "Traceback ..."},
-                "peer_quality": {"status": "absent", "reason": "does not exist yet"}}
+                "peer_quality": {"status": "skipped", "reason": "--skip"}}
     bench = run_all.aggregate(statuses, {"eval_speed": _eval_doc()})
     assert bench["failed"] == ["losses"] and bench["ok"] is False
     assert len(bench["ratios"]) == 1
     table = run_all.summary_table(bench["ratios"], statuses)
-    assert "1.420" in table and "failed" in table and "absent" in table
-    assert run_all.aggregate({"a": {"status": "absent"}}, {})["ok"] is True
+    assert "1.420" in table and "failed" in table and "skipped" in table
+    assert run_all.aggregate({"a": {"status": "skipped"}}, {})["ok"] is True
 
 
-def test_missing_optional_script_is_absent_not_failed(tmp_path):
-    script = run_all.Script("does_not_exist_here", optional=True)
-    status = run_all.run_script(script, quick=True, log_dir=tmp_path)
-    assert status["status"] == "absent"
-    status = run_all.run_script(run_all.Script("does_not_exist_here"), quick=True,
+def test_a_result_without_the_expected_fields_fails_the_run():
+    statuses = {"eval_speed": {"status": "ok", "seconds": 1.0}}
+    bench = run_all.aggregate(statuses, {"eval_speed": {"unexpected": 1}})
+    assert bench["failed"] == ["eval_speed"] and bench["ok"] is False
+    assert "expected fields" in statuses["eval_speed"]["reason"]
+
+
+def test_a_timed_out_script_is_killed_with_its_children(tmp_path, monkeypatch):
+    """The script starts a child that would outlive it; the timeout kills the whole group."""
+    pid_file = tmp_path / "child.pid"
+    (tmp_path / "sleeper.py").write_text(
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n")
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    status = run_all.run_script(run_all.Script("sleeper", args=(), timeout=3.0), quick=False,
                                 log_dir=tmp_path)
-    assert status["status"] == "failed"
+    assert status["status"] == "timeout"
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the script's child survived the timeout"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split()[2] != "Z"  # a zombie is dead, just not reaped
+    except FileNotFoundError:
+        return False
+
+
+def test_unknown_script_names_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "eval_sped"])
+    assert "unknown script(s) ['eval_sped']" in capsys.readouterr().err
+
+
+def test_plot_files_follow_the_result_stem():
+    scaling = next(s for s in run_all.SCRIPTS if s.name == "scaling")
+    assert [p.name for p in scaling.plot_files(quick=True)] == [
+        "scaling_quick_losses.png", "scaling_quick_gradcache.png", "scaling_quick_ranks.png"]
+    peer = next(s for s in run_all.SCRIPTS if s.name == "peer_quality")
+    assert [p.name for p in peer.plot_files(quick=False)] == ["peer_quality.png"]
 
 
 def test_peer_quality_acceptance_block_is_preferred():

@@ -2,7 +2,6 @@
 stage-2 pairs, lr selection by STS-B dev and the acceptance verdict."""
 
 import importlib.util
-import json
 import math
 import sys
 from pathlib import Path
@@ -107,16 +106,3 @@ def test_stage2_pairs_equal_what_the_trainer_trains_on():
     assert len(columns["score"]) == len(ours)
 
 
-def test_cached_score_reuses_only_when_asked(tmp_path):
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return 80.0 + len(calls)
-
-    assert pq.cached_score(tmp_path, "dev", True, compute) == 81.0
-    assert pq.cached_score(tmp_path, "dev", True, compute) == 81.0  # cached
-    assert pq.cached_score(tmp_path, "sts7", True, lambda: {"avg": 1.0}) == {"avg": 1.0}
-    assert pq.cached_score(tmp_path, "dev", False, compute) == 82.0  # fresh run recomputes
-    assert len(calls) == 2
-    assert set(json.loads((tmp_path / pq.SCORES).read_text())) == {"dev", "sts7"}
