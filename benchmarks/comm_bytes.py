@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -40,6 +39,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from _common import RESULTS_DIR, machine_facts, write_result  # noqa: E402
+
+from pcc_dist.distributed import free_port  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
                "reduce_scatter_tensor", "broadcast", "all_to_all_single", "_all_gather_base",
@@ -175,10 +176,7 @@ def _worker(rank: int, world: int, port: int, batches: list[int], dim: int, out_
     from pcc_dist.distributed import all_gather_with_grad
     from pcc_dist.losses import PearsonLoss
 
-    ours_fn = PearsonLoss(kernel="torch")
-
-    def ours(a, b, y):
-        return ours_fn(a, b, y)
+    ours = PearsonLoss(kernel="torch")
 
     def gathered(a, b, y):
         sizes = [a.shape[0]] * world
@@ -218,12 +216,6 @@ def _worker(rank: int, world: int, port: int, batches: list[int], dim: int, out_
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _plot(rows: list[dict[str, Any]], dim: int, path: Path) -> None:
     import matplotlib
 
@@ -260,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     world = 2
     with tempfile.TemporaryDirectory() as tmp:
         out_file = str(Path(tmp) / "rows.json")
-        mp.spawn(_worker, args=(world, _free_port(), args.batches, args.dim, out_file),
+        mp.spawn(_worker, args=(world, free_port(), args.batches, args.dim, out_file),
                  nprocs=world, join=True)
         rows = json.loads(Path(out_file).read_text())
     by = {(r["batch_per_rank"], r["impl"]): r for r in rows}

@@ -142,7 +142,8 @@ def st_columns(pairs: Sequence) -> dict[str, list]:
 
 
 def select_by_dev(candidates: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The candidate run with the highest STS-B dev Spearman (ties: the earlier one).
+    """The candidate run with the highest STS-B dev Spearman (ties: the earlier one, as max
+    keeps the first maximum).
 
     Args:
         candidates: Runs of one method, each with a ``"dev"`` score (None or NaN = unusable).
@@ -153,7 +154,7 @@ def select_by_dev(candidates: Sequence[dict[str, Any]]) -> dict[str, Any]:
     usable = [c for c in candidates if c.get("dev") is not None and c["dev"] == c["dev"]]
     if not usable:
         raise ValueError("no candidate has a finite STS-B dev score")
-    return max(usable, key=lambda c: (c["dev"], -candidates.index(c)))
+    return max(usable, key=lambda c: c["dev"])
 
 
 def verdict(avgs: dict[str, float], ours: str = "pcc") -> dict[str, Any]:

@@ -75,7 +75,6 @@ class Timers:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self.active = True
 
     def reset(self) -> None:
         self.seconds = defaultdict(float)

@@ -17,6 +17,7 @@ on the torch version.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 
 import torch
@@ -28,10 +29,18 @@ __all__ = [
     "all_gather_with_grad",
     "all_reduce_mean",
     "all_reduce_sum",
+    "free_port",
     "get_rank",
     "get_world_size",
     "is_distributed",
 ]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago (the OS picks it), for a rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def is_distributed() -> bool:

@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 
 from pcc_dist.config import ConfigError, PccConfig, StageSettings
+from pcc_dist.distributed import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 # DeepSpeed writes <folder>/<tag>/… and <folder>/latest; one fixed tag per folder, because the
 # checkpoint manager already names folders by step.
 _CHECKPOINT_TAG = "state"
-_CLIENT_KEY = "pcc_client_state"
 # Written by rank 0 next to DeepSpeed's files: the world size the partitions were cut for, and the
 # world-size-free copy of the trainable state (see TrainEngine.save_checkpoint).
 _WORLD_FILE = "world.json"
@@ -94,12 +93,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _import_deepspeed() -> Any:
     try:
         import deepspeed
@@ -129,7 +122,7 @@ def init_distributed() -> DistInfo:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             # No launcher: a 1-rank group. setdefault keeps a MASTER_ADDR/PORT the user exported.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("LOCAL_RANK", "0")
         if backend == "nccl":
@@ -161,14 +154,12 @@ def _init_group_on_a_fresh_store_after_restart(backend: str) -> None:
     ``TORCHELASTIC_RESTART_COUNT`` gives every attempt clean keys. A no-op outside a torchrun
     agent store, and on the first attempt, whose keys are clean anyway.
     """
-    import datetime
-
     import torch.distributed as dist
+    from torch.distributed.constants import default_pg_timeout as timeout
 
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True) or attempt == "0":
         return
-    timeout = datetime.timedelta(minutes=30)  # torch's default process-group timeout
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
     dist.init_process_group(backend, store=dist.PrefixStore(f"pcc_attempt_{attempt}", store),
@@ -635,7 +626,7 @@ class TrainEngine:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def save_checkpoint(self, folder: str | os.PathLike, client_state: dict | None = None) -> None:
+    def save_checkpoint(self, folder: str | os.PathLike) -> None:
         """Write DeepSpeed's checkpoint (model, optimizer and scheduler shards) into ``folder``.
 
         A collective call: every rank must call it. Models with frozen parameters (LoRA, QLoRA)
@@ -652,14 +643,10 @@ class TrainEngine:
 
         Args:
             folder: Target folder (created); the checkpoint manager renames it atomically.
-            client_state: Small picklable dict stored with the model states.
         """
         Path(folder).mkdir(parents=True, exist_ok=True)
-        # Nested under one key: DeepSpeed returns its own bookkeeping (param_shapes, ds_config,
-        # ...) mixed into the client state on load, and we hand back only what the caller saved.
-        self._ds.save_checkpoint(str(folder), tag=_CHECKPOINT_TAG,
-                                 client_state={_CLIENT_KEY: dict(client_state or {})},
-                                 save_latest=True, exclude_frozen_parameters=self._has_frozen)
+        self._ds.save_checkpoint(str(folder), tag=_CHECKPOINT_TAG, save_latest=True,
+                                 exclude_frozen_parameters=self._has_frozen)
         numel = sum(int(getattr(p, "ds_numel", p.numel())) for _, p in self._trainable())
         portable = self._portable_state() if numel <= PORTABLE_MAX_NUMEL else None
         if self.rank == 0:
@@ -668,20 +655,17 @@ class TrainEngine:
             (Path(folder) / _WORLD_FILE).write_text(json.dumps(
                 {"world_size": self.world_size, "portable": portable is not None}))
 
-    def load_checkpoint(self, folder: str | os.PathLike, *, module_only: bool = False) -> dict:
+    def load_checkpoint(self, folder: str | os.PathLike, *, module_only: bool = False) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint`.
 
         Under ZeRO-3 call it on a freshly built engine (DeepSpeed needs unmodified partitions).
         Written on another world size, it is restored from ``portable_state.pt`` (weights,
-        Adam moments and step, schedule); the client state is then empty.
+        Adam moments and step, schedule).
 
         Args:
             folder: The folder given to :meth:`save_checkpoint`.
             module_only: Load weights only (start a new stage from the previous stage's
                 weights, with a fresh optimizer and schedule).
-
-        Returns:
-            The ``client_state`` saved with it.
 
         Raises:
             FileNotFoundError: when the folder holds no DeepSpeed checkpoint.
@@ -693,15 +677,15 @@ class TrainEngine:
                                     "TrainEngine.save_checkpoint")
         saved_world = _saved_world_size(Path(folder) / _WORLD_FILE)
         if saved_world is not None and saved_world != self.world_size:
-            return self._load_portable(Path(folder), saved_world, module_only)
+            self._load_portable(Path(folder), saved_world, module_only)
+            return
         with _weights_only_loads(self._ds.checkpoint_engine):
-            load_path, client_state = self._ds.load_checkpoint(
+            load_path, _ = self._ds.load_checkpoint(
                 str(folder), tag=_CHECKPOINT_TAG, load_module_strict=not self._has_frozen,
                 load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only,
                 load_module_only=module_only)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load a checkpoint from {folder}")
-        return dict((client_state or {}).get(_CLIENT_KEY, {}))
 
     # -- world-size-free state ---------------------------------------------------------------
 
@@ -746,7 +730,7 @@ class TrainEngine:
         out["lr_scheduler"] = scheduler.state_dict() if scheduler is not None else None
         return out
 
-    def _load_portable(self, folder: Path, saved_world: int, module_only: bool) -> dict:
+    def _load_portable(self, folder: Path, saved_world: int, module_only: bool) -> None:
         from pcc_dist.checkpoint import CheckpointError
 
         path = folder / _PORTABLE_FILE
@@ -795,7 +779,6 @@ class TrainEngine:
         logger.info("loaded %s (written on %d ranks) on %d ranks from its portable copy%s",
                     folder, saved_world, self.world_size,
                     "" if restore_moments or module_only else " (Adam had not stepped yet)")
-        return {}
 
     def _init_adam_state(self, step: float) -> None:
         """Create Adam's state for every master partition (torch creates it lazily on the first

@@ -33,7 +33,6 @@ import importlib.util
 import inspect
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,19 +41,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pcc_dist.distributed import free_port
+
 __all__ = ["free_port", "run_ranks"]
 
 _POLL_SECONDS = 0.05
 _LOG_TAIL_CHARS = 4000
 _PORT_ATTEMPTS = 3
 _FAILURE_GRACE = 5.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path) -> str:

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,16 +32,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from pcc_dist.distributed import free_port
+
 TRAIN_KEYS = ("train/loss", "train/pearson_r", "train/lr", "train/grad_norm",
               "train/skipped_steps", "perf/pairs_per_s", "perf/tokens_per_s")
 EVAL_KEY = "eval/stsb_dev_spearman"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class MlflowServer:

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from pcc_dist.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "launchers" / "configs" / "tiny_cpu.yaml"
 BIN = Path(sys.executable).parent
 DRIVER = Path(__file__).resolve().parent / "_faults_driver.py"
 TIMEOUT = 420
+# Built once per session: the tiny model folder and the uninterrupted reference runs.
+_CACHE: dict[str, Path] = {}
 STEPS = 20
 EVERY = 2
 
@@ -30,12 +33,6 @@ BASE = ("stage1.enabled=false", f"stage2.max_steps={STEPS}",
         f"checkpoint.every_steps={EVERY}", f"checkpoint.keep_last={STEPS}",
         "model.lora.dropout=0", "data.decontaminate=false", "eval.tasks=[]", "eval.dev=false",
         "train.log_every_steps=1")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # DeepSpeed JIT-builds a small shared-memory op in every process that starts a process group. In
@@ -106,11 +103,6 @@ def max_step(stage_dir: Path) -> int:
     return max((r["step"] for r in step_lines(stage_dir)), default=0)
 
 
-def checkpoints(stage_dir: Path) -> list[str]:
-    folder = stage_dir / "checkpoints"
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-
 def reference(tmp_path_factory, world: int) -> Path:
     """Run folder of the uninterrupted 20-step run on ``world`` ranks (once per session)."""
     key = f"reference_w{world}"
@@ -126,5 +118,3 @@ def assert_same_losses(got: dict[int, float], expected: dict[int, float], steps,
     for step in steps:
         assert abs(got[step] - expected[step]) <= tol, (step, got[step], expected[step])
 
-
-_CACHE: dict[str, Path] = {}

@@ -26,6 +26,8 @@ from _runs import (
     train_cmd,
 )
 
+from pcc_dist.checkpoint import CheckpointManager
+
 pytestmark = pytest.mark.distributed
 
 KILL_AFTER_STEP = 11  # checkpoints 2..10 exist; the step in flight is 12 (next save at 12)
@@ -43,8 +45,8 @@ def _worker(agent: int, rank: str) -> psutil.Process | None:
 
 
 def _complete_steps(stage_dir) -> list[int]:
-    folder = stage_dir / "checkpoints"
-    return sorted(int(p.name[5:]) for p in folder.glob("step-*") if (p / "COMPLETE").is_file())
+    manager = CheckpointManager(stage_dir / "checkpoints", 1, 0, lambda: None)
+    return [int(path.name.removeprefix("step-")) for path in manager.complete()]
 
 
 def test_rank_sigkill_restarts_the_group_and_resumes_without_lost_or_repeated_batches(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 import types
 from pathlib import Path
@@ -14,6 +13,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from comm_bytes import CommCounter  # noqa: E402
+
+from pcc_dist.distributed import free_port
 
 
 def _fake_dist():
@@ -55,17 +56,11 @@ def test_negative_control_nothing_counted_outside_the_block():
     assert counter.totals == {}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def one_rank_group():
     if dist.is_initialized():
         pytest.skip("a process group is already running in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
     yield
     dist.destroy_process_group()
