@@ -131,3 +131,22 @@ def test_a_crash_at_any_seam_of_the_save_leaves_only_loadable_checkpoints(tmp_pa
     # re-save of step 4 that died mid-way leaves step 2; a prune dies after step 6 is in place).
     expected = {"replace": "step-00000002", "prune": "step-00000006"}.get(seam, "step-00000004")
     assert latest is not None and latest.name == expected, (seam, latest)
+
+
+def test_a_step_folder_without_its_marker_is_never_resumed_from(tmp_path):
+    """The marker is the second guard, for what the rename cannot cover: a checkpoint copied in
+    by hand (``cp -r``, rsync) that was interrupted has its final name but no marker."""
+    import shutil
+
+    folder = tmp_path / "checkpoints"
+    manager = CheckpointManager(folder, 5, 0, lambda: None)
+    done = folder / "step-00000004"
+    (done / "engine").mkdir(parents=True)
+    (done / "trainer_state.json").write_text("{}")
+    (done / "COMPLETE").write_text("")
+    partial = folder / "step-00000006"
+    shutil.copytree(done, partial)
+    (partial / "COMPLETE").unlink()  # the copy stopped before its last file
+    assert manager.latest() == done
+    manager.remove_incomplete()
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000004"]

@@ -18,6 +18,8 @@ import logging
 import os
 import pickle
 import re
+import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -29,8 +31,6 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 PRODUCT_DIRS = ("pcc_dist", "kernels", "launchers")
 sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "tests" / "e2e"))
-from _mlflow_server import MlflowServer  # noqa: E402
 from _tiny_models import save_tiny_model  # noqa: E402
 
 from pcc_dist.checkpoint import (  # noqa: E402
@@ -40,6 +40,7 @@ from pcc_dist.checkpoint import (  # noqa: E402
     TrainerState,
 )
 from pcc_dist.config import PccConfig, load_config  # noqa: E402
+from pcc_dist.distributed import free_port  # noqa: E402
 
 
 def product_sources() -> list[Path]:
@@ -414,16 +415,6 @@ def test_documented_mlflow_commands_bind_to_loopback():
             assert not ("mlflow" in line.lower() and "0.0.0.0" in line), (path, line)
 
 
-def test_server_helper_defaults_to_loopback(tmp_path):
-    server = MlflowServer(tmp_path)
-    command = server.command()
-    assert server.host == "127.0.0.1"
-    assert command[command.index("--host") + 1] == "127.0.0.1"
-    assert server.uri.startswith("http://127.0.0.1:")
-    other = MlflowServer(tmp_path / "b", host="0.0.0.0", port=5999)  # "unless told otherwise"
-    assert other.command()[other.command().index("--host") + 1] == "0.0.0.0"
-
-
 def _listening_addresses(port: int) -> set[str]:
     """Local addresses of LISTEN sockets on ``port`` from /proc/net/tcp{,6} (hex, as the kernel
     writes them: 0100007F is 127.0.0.1, 00000000 is 0.0.0.0)."""
@@ -439,11 +430,32 @@ def _listening_addresses(port: int) -> set[str]:
     return found
 
 
+SERVER_SCRIPT = REPO / "launchers" / "mlflow_server.sh"
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net/tcp")
-def test_started_server_listens_on_loopback_only(tmp_path):
-    with MlflowServer(tmp_path) as server:
-        deadline = time.monotonic() + 10
-        while not (addresses := _listening_addresses(server.port)) and \
-                time.monotonic() < deadline:
+@pytest.mark.parametrize(("host", "expected"), [(None, "0100007F"), ("0.0.0.0", "00000000")])
+def test_server_script_listens_on_loopback_unless_told_otherwise(tmp_path, host, expected):
+    """``launchers/mlflow_server.sh`` started for real: 127.0.0.1 (0100007F) by default, all
+    interfaces (00000000) only when PCC_MLFLOW_HOST says so."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PCC_MLFLOW_"))}
+    env |= {"PCC_MLFLOW_PORT": str(port), "PCC_MLFLOW_STORE": f"sqlite:///{tmp_path}/m.db",
+            "PCC_MLFLOW_ARTIFACTS": str(tmp_path / "artifacts"),
+            "PYTHON": sys.executable, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if host is not None:
+        env["PCC_MLFLOW_HOST"] = host
+    log = tmp_path / "server.log"
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(["bash", str(SERVER_SCRIPT), "--workers", "1"], env=env,
+                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (addresses := _listening_addresses(port)) and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-2000:]
             time.sleep(0.2)
-    assert addresses == {"0100007F"}, addresses
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert addresses == {expected}, (addresses, log.read_text()[-2000:])
+    assert f"mlflow server: http://{host or '127.0.0.1'}:{port}" in log.read_text()
