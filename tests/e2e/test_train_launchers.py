@@ -21,18 +21,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 # Launch helpers shared with the fault tests (tests/reliability/_runs.py).
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))
-from _runs import BIN, CONFIG, TIMEOUT, env, free_port  # noqa: E402
-from _runs import losses as _stage_losses  # noqa: E402
+import _runs  # noqa: E402
+from _runs import BIN, CONFIG, TIMEOUT, env, free_port, run  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _tiny_models import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("model") / "llama", "llama")
+    return _runs.tiny_llama(tmp_path_factory)
 
 
 def overrides(model: Path, out: Path, *extra: str) -> list[str]:
@@ -40,17 +37,10 @@ def overrides(model: Path, out: Path, *extra: str) -> list[str]:
             "eval.tasks=[]", "eval.dev=false", "train.log_every_steps=1", *extra]
 
 
-def run(cmd: list[str], log: Path) -> None:
-    with open(log, "w") as handle:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env(), stdout=handle, stderr=subprocess.STDOUT,
-                              timeout=TIMEOUT)
-    assert proc.returncode == 0, f"{cmd[:3]} failed:\n{log.read_text()[-4000:]}"
-
-
 def losses(stage_dir: Path) -> dict[int, float]:
     """Step -> loss from metrics.jsonl; a step logged twice (before a kill) keeps its last line."""
     assert (stage_dir / "metrics.jsonl").is_file(), f"no metrics in {stage_dir}"
-    return _stage_losses(stage_dir)
+    return _runs.losses(stage_dir)
 
 
 def assert_two_stages_trained(out: Path, steps: int = 3) -> None:
