@@ -5,6 +5,8 @@
 top-level import package of that name.
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 # Ranges are chosen so that torch==2.13.0 (the CPU build this project is developed on) satisfies
@@ -51,6 +53,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pcc_dist", "pcc_dist.*"]) + ["pcc_dist.kernels"],
     package_dir={"pcc_dist.kernels": "kernels"},
+    # The built-in DeepSpeed configs (train.deepspeed_config=zero3|zero3_offload|zero2) for a
+    # wheel install; pcc_dist.engine.find_ds_config looks there after the repository folder.
+    data_files=[("share/pcc_dist/ds_configs",
+                 sorted(str(path) for path in Path("ds_configs").glob("*.json")))],
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={

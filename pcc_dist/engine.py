@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,10 @@ logger = logging.getLogger(__name__)
 BUILTIN_DS_CONFIGS = ("zero3", "zero3_offload", "zero2")
 # The repository root (…/pcc_dist/engine.py -> …): built-in JSONs live in <root>/ds_configs/.
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+# Where the built-in DeepSpeed configs are: the repository's ds_configs/ (a checkout or an
+# editable install), else the copy a wheel installs under <prefix>/share (setup.py data_files).
+_DS_CONFIG_DIRS = (_REPO_ROOT / "ds_configs",
+                   Path(sys.prefix) / "share" / "pcc_dist" / "ds_configs")
 # DeepSpeed writes <folder>/<tag>/… and <folder>/latest; one fixed tag per folder, because the
 # checkpoint manager already names folders by step.
 _CHECKPOINT_TAG = "state"
@@ -183,7 +188,8 @@ def _stage_name(cfg: PccConfig, stage: StageSettings) -> str:
 def find_ds_config(spec: str) -> Path:
     """Resolve ``train.deepspeed_config``: a built-in name or a path.
 
-    Built-in names map to ``<repo>/ds_configs/<name>.json``. A relative path is tried from the
+    Built-in names map to ``ds_configs/<name>.json`` in the repository, or in
+    ``<sys.prefix>/share/pcc_dist/`` for a wheel install. A relative path is tried from the
     working directory first, then from the repository root (so the default
     ``ds_configs/zero3.json`` works from any directory).
 
@@ -191,7 +197,7 @@ def find_ds_config(spec: str) -> Path:
         ConfigError: when no file is found.
     """
     if spec in BUILTIN_DS_CONFIGS:
-        candidates = [_REPO_ROOT / "ds_configs" / f"{spec}.json"]
+        candidates = [folder / f"{spec}.json" for folder in _DS_CONFIG_DIRS]
     else:
         path = Path(spec).expanduser()
         candidates = [path] if path.is_absolute() else [Path.cwd() / path, _REPO_ROOT / path]

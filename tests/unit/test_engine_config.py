@@ -330,3 +330,19 @@ def test_nonfinite_loss_value_poisons_the_backward_and_reports_a_skip():
     assert math.isnan([c for c in fake.calls if c[0] == "backward"][-1][1])
     fake.applied = False
     assert engine.step().skipped
+
+
+def test_builtin_configs_are_found_where_a_wheel_installs_them(tmp_path, monkeypatch):
+    """Without the repository's ds_configs/ (a wheel install), the built-in names resolve to the
+    copies setup.py installs under <prefix>/share/pcc_dist/ds_configs."""
+    import shutil
+
+    import pcc_dist.engine as engine_module
+
+    share = tmp_path / "share" / "pcc_dist" / "ds_configs"
+    shutil.copytree(engine_module._DS_CONFIG_DIRS[0], share)
+    monkeypatch.setattr(engine_module, "_DS_CONFIG_DIRS", (tmp_path / "no_repo", share))
+    assert find_ds_config("zero3") == share / "zero3.json"
+    (share / "zero2.json").unlink()
+    with pytest.raises(ConfigError, match="'zero2' not found"):
+        find_ds_config("zero2")
