@@ -53,7 +53,7 @@ def _cfg(out: Path, uri: str, experiment: str):
 
 def _tracking_warnings(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records
-            if r.name == "pcc_dist.tracking" and r.levelno >= logging.WARNING]
+            if r.name.startswith("pcc_dist.tracking") and r.levelno >= logging.WARNING]
 
 
 def _env() -> dict[str, str]:

@@ -48,7 +48,7 @@ STEPS = 3  # per stage in tiny_cpu.yaml
 # Stage 1 (InfoNCE) has no gold scores, hence no batch Pearson r.
 STAGE_KEYS = {"stage1": tuple(k for k in TRAIN_KEYS if k != "train/pearson_r"),
               "stage2": TRAIN_KEYS}
-TRACKING_WARNING = " WARNING pcc_dist.tracking: "
+TRACKING_WARNING = " WARNING pcc_dist.tracking."
 
 # Loaded by every Python process started with this folder on PYTHONPATH (torchrun and its
 # workers). Per RANK it records its start, each MlflowClient it constructs (every MLflow call,

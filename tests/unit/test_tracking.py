@@ -72,7 +72,7 @@ def steps(client, run_id: str, key: str) -> list[int]:
 
 def tracking_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "pcc_dist.tracking" and r.levelno >= logging.WARNING]
+            if r.name.startswith("pcc_dist.tracking") and r.levelno >= logging.WARNING]
 
 
 def closed_port() -> int:
