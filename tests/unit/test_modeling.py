@@ -35,6 +35,7 @@ from pcc_dist.modeling import (  # noqa: E402
     resolve_template,
     save_embedder,
 )
+from pcc_dist.modeling import attention as modeling_attention  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -129,9 +130,10 @@ def test_missing_model_path(tmp_path):
 
 
 def test_flash_attention_missing(monkeypatch):
-    real_find_spec = modeling.importlib.util.find_spec
+    # choose_attn_implementation lives in pcc_dist.modeling.attention, which holds importlib.
+    real_find_spec = modeling_attention.importlib.util.find_spec
     monkeypatch.setattr(
-        modeling.importlib.util,
+        modeling_attention.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a),
     )

