@@ -23,10 +23,9 @@ result with the same evaluator:
   STS7 test sets (SentEval/SimCSE protocol), so no method gets a different embedding path.
 * **Selection**: with several ``--lrs``, each method's lr is chosen by STS-B dev Spearman only
   (never by an STS7 test set), the same grid for every method; STS7 is then measured for the
-  selected run only. The default is one shared lr, 2e-5 (the demo's): 4 trainings of 83 steps,
-  4 STS-B dev and 4 STS7 passes, estimated at ~17 min on a quiet 2-core machine from the measured
-  parts (demo training ~5 min, ST ~2 min per loss at ~44 pairs/s, STS7 ~1 min per model); under
-  a load average of ~10 from other jobs it takes well over an hour.
+  selected run only. The default grid is 2e-5, 5e-5, 1e-4: 12 trainings of 83 steps, 12 STS-B
+  dev and 4 STS7 passes, 81 min with one torch thread while a SmolLM2 job held the other core
+  (``make bench`` runs one shared lr, 5e-5: four trainings, ~20 min on a quiet machine).
 
 Known, stated differences: the shuffle order (both seeded with 42, but ST's sampler and our
 ``GlobalBatchPlan`` draw different permutations), warmup (ours ramps ``(s + 1) / 8``, the
@@ -34,7 +33,8 @@ Hugging Face scheduler ``s / 8``, so its first step has lr 0), and our trainer r
 DeepSpeed ZeRO-3 on one CPU rank while ST uses a plain torch loop.
 
 Usage:
-    python benchmarks/peer_quality.py [--lrs 2e-5 5e-5] [--methods pcc cosent ...] [--baseline]
+    python benchmarks/peer_quality.py [--lrs 2e-5 5e-5 1e-4] [--methods pcc cosent ...]
+        [--baseline] [--seed 42] [--batch-size 64] [--epochs 1]
 
 Writes ``benchmarks/results/peer_quality.json`` and ``benchmarks/results/peer_quality.png``; run
 folders under ``runs/peer_quality/``.
@@ -368,9 +368,9 @@ def plot(rows: dict[str, dict[str, Any]], out: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[2e-5],
+    parser.add_argument("--lrs", type=float, nargs="+", default=[2e-5, 5e-5, 1e-4],
                         help="lr grid, the same for every method; each method's lr is picked by "
-                             "STS-B dev (default: 2e-5 only, the demo's).")
+                             "STS-B dev (default: 2e-5 5e-5 1e-4, the README's table).")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--baseline", action="store_true",
                         help="also score the untouched model (README: 78.87 STS7 avg).")

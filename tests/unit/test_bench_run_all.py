@@ -134,7 +134,7 @@ def test_plot_files_follow_the_result_stem():
     assert [p.name for p in scaling.plot_files(quick=True)] == [
         "scaling_quick_losses.png", "scaling_quick_gradcache.png", "scaling_quick_ranks.png"]
     peer = next(s for s in run_all.SCRIPTS if s.name == "peer_quality")
-    assert [p.name for p in peer.plot_files(quick=False)] == ["peer_quality.png"]
+    assert [p.name for p in peer.plot_files(quick=False)] == ["peer_quality_bench.png"]
 
 
 def test_peer_quality_acceptance_block_is_preferred():
