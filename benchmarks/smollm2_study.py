@@ -53,7 +53,8 @@ def zero_shot(measure: bool) -> dict:
                "--batch-size", "16", "--json", str(ZEROSHOT_JSON)]
     seconds = _run(command) if measure else None
     result = json.loads(ZEROSHOT_JSON.read_text())
-    return {"stage": "zero-shot (PromptEOL)", "command": " ".join(command[:-2]),
+    shown = [".venv/bin/pcc-eval", *command[1:-2]]  # as the README gives it, not this venv's path
+    return {"stage": "zero-shot (PromptEOL)", "command": " ".join(shown),
             "wall_seconds": seconds if measure else result["seconds"],
             "spearman": result["spearman"], "avg": result["avg"]}
 
