@@ -11,7 +11,7 @@ paper recipes), so STS7 is measured after each stage with the same evaluator as 
    Pcc on the de-contaminated STS-B + SICK-R train pairs).
 
 Usage:
-    python benchmarks/smollm2_study.py [--zeroshot]
+    python benchmarks/smollm2_study.py [--zeroshot] [--resume]
 
 Writes ``benchmarks/results/smollm2_study.json`` (rows, commands, wall times, per-stage training
 outcome); hours on a 2-core CPU.
@@ -59,35 +59,63 @@ def zero_shot(measure: bool) -> dict:
             "spearman": result["spearman"], "avg": result["avg"]}
 
 
-def train_stage(stage: int) -> dict:
-    """Train one stage as its own job; its STS7 scores and outcome come from results.json."""
-    config = CONFIGS / f"smollm2_stage{stage}.yaml"
-    seconds = _run([str(BIN / "pcc-train"), "--config", str(config)])
-    results = json.loads((RUN_DIR / "results.json").read_text())
-    # The next stage's job rewrites results.json in the same folder: keep this stage's copy.
-    shutil.copy(RUN_DIR / "results.json", RUN_DIR / f"results_stage{stage}.json")
+def stage_row(stage: int, wall_seconds: float | None) -> dict:
+    """The row of one finished stage, from the ``results_stage<N>.json`` its job left behind.
+
+    ``wall_seconds`` is the job's wall time when it ran start to end in this invocation; a stage
+    finished by ``--resume`` has None there, and its ``training.seconds`` and ``eval_seconds``
+    (measured inside the jobs) say where the time went.
+    """
+    results = json.loads((RUN_DIR / f"results_stage{stage}.json").read_text())
     sts = results["sts"]
     return {"stage": f"after stage {stage}", "command":
-            f".venv/bin/pcc-train --config launchers/configs/{config.name}",
-            "wall_seconds": seconds, "spearman": sts["spearman"], "avg": sts["avg"],
+            f".venv/bin/pcc-train --config launchers/configs/smollm2_stage{stage}.yaml",
+            "wall_seconds": wall_seconds, "eval_seconds": sts["seconds"],
+            "spearman": sts["spearman"], "avg": sts["avg"],
             "training": results["stages"][f"stage{stage}"]}
+
+
+def train_stage(stage: int) -> float:
+    """Train one stage as its own job (it resumes from its newest checkpoint, if any) and keep
+    the job's ``results.json`` as ``results_stage<N>.json``; returns the job's wall seconds."""
+    seconds = _run([str(BIN / "pcc-train"), "--config",
+                    str(CONFIGS / f"smollm2_stage{stage}.yaml")])
+    # The next stage's job rewrites results.json in the same folder: keep this stage's copy.
+    shutil.copy(RUN_DIR / "results.json", RUN_DIR / f"results_stage{stage}.json")
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zeroshot", action="store_true",
                         help="re-measure the zero-shot row instead of reading its earlier JSON")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted study: keep runs/smollm2_study, skip the "
+                             "stages that have a results_stage<N>.json, resume the others from "
+                             "their newest checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if RUN_DIR.exists():
+    if RUN_DIR.exists() and not args.resume:
         # A study is one fresh run: stage 2 must continue this study's stage 1, no older one.
         shutil.rmtree(RUN_DIR)
+    earlier = {}
+    if args.resume and (RESULTS_DIR / "smollm2_study.json").exists():
+        earlier = {row["stage"]: row for row in
+                   json.loads((RESULTS_DIR / "smollm2_study.json").read_text())["rows"]}
     rows = [zero_shot(args.zeroshot)]
     for stage in (1, 2):
-        rows.append(train_stage(stage))
+        if (RUN_DIR / f"results_stage{stage}.json").exists():
+            # Finished before this --resume: keep the wall time the earlier invocation measured.
+            row = stage_row(stage, earlier.get(f"after stage {stage}", {}).get("wall_seconds"))
+        else:
+            seconds = train_stage(stage)
+            # A resumed job's wall time covers only what was left of the stage.
+            row = stage_row(stage, None if args.resume else seconds)
+        rows.append(row)
         write_result("smollm2_study", {"machine": machine_facts(), "rows": rows})
     for row in rows:
-        logger.info("%-24s avg %.2f  (%.0f s)", row["stage"], row["avg"], row["wall_seconds"])
+        wall = f"{row['wall_seconds']:.0f} s" if row["wall_seconds"] is not None else "resumed"
+        logger.info("%-24s avg %.2f  (%s)", row["stage"], row["avg"], wall)
     return 0
 
 

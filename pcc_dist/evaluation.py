@@ -70,6 +70,7 @@ from typing import Any
 import torch
 
 from pcc_dist.data import STS7_TASKS, StsTask
+from pcc_dist.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -153,13 +154,6 @@ def senteval_text(sentence: str) -> str:
     return " ".join(sentence.split())
 
 
-def progress_enabled() -> bool:
-    """Progress bars are for humans: off when stderr is not a TTY or a ``CI`` variable is set."""
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-        return False
-    return sys.stderr.isatty()
-
-
 def limit_tasks(tasks: Mapping[str, StsTask], limit: int | None) -> dict[str, StsTask]:
     """Keep only the first ``limit`` pairs of every subset (smoke tests).
 
@@ -199,7 +193,7 @@ def unique_sentences(tasks: Mapping[str, StsTask]) -> list[str]:
 
 def embed_sentences(embed: Any, sentences: Sequence[str], batch_size: int = 128, *,
                     max_length: int | None = None,
-                    show_progress: bool | None = None) -> torch.Tensor:
+                    show_progress: bool = True) -> torch.Tensor:
     """Embed ``sentences`` in length-sorted batches.
 
     An :class:`pcc_dist.modeling.Embedder` (anything with ``encode``) sorts and batches itself;
@@ -212,7 +206,8 @@ def embed_sentences(embed: Any, sentences: Sequence[str], batch_size: int = 128,
         batch_size: Sentences per forward pass.
         max_length: Sentence-token limit passed to ``encode``; None = no truncation beyond the
             model's own limit (:func:`protocol_max_length`), never the training ``max_length``.
-        show_progress: Progress bar; None = :func:`progress_enabled`.
+        show_progress: Report progress (:func:`pcc_dist.progress.progress`: a bar at a
+            terminal, a log line a minute otherwise); False = silent.
 
     Returns:
         Float32 CPU tensor, row ``i`` = embedding of ``sentences[i]``.
@@ -220,8 +215,6 @@ def embed_sentences(embed: Any, sentences: Sequence[str], batch_size: int = 128,
     Shape:
         Output: ``[n, D]``.
     """
-    if show_progress is None:
-        show_progress = progress_enabled()
     sentences = list(sentences)
     if not sentences:
         raise ValueError("no sentences to embed")
@@ -271,16 +264,15 @@ def protocol_max_length(embed: Any) -> int:
 
 def _embed_with_callable(embed: EmbedFn, sentences: list[str], batch_size: int,
                          show_progress: bool) -> torch.Tensor:
-    from tqdm.auto import tqdm
-
     # Longest first: a memory problem shows on the first batch, not after minutes.
     order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
     chunks: list[torch.Tensor] = []
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="embed", unit="batch", disable=not show_progress):
-        idx = order[start:start + batch_size]
-        with torch.inference_mode():
-            chunks.append(torch.as_tensor(embed([sentences[i] for i in idx])).float().cpu())
+    with progress(len(order), "embed", "sent", show_progress) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            with torch.inference_mode():
+                chunks.append(torch.as_tensor(embed([sentences[i] for i in idx])).float().cpu())
+            bar.update(len(idx))
     stacked = torch.cat(chunks)
     out = torch.empty_like(stacked)
     out[torch.tensor(order)] = stacked
@@ -381,7 +373,7 @@ def score_task(task: StsTask, sys_scores: Mapping[str, Sequence[float]]) -> dict
 
 def evaluate_sts(embed: Any, tasks: Mapping[str, StsTask], batch_size: int = 128, *,
                  max_length: int | None = None, limit: int | None = None,
-                 show_progress: bool | None = None) -> StsResult:
+                 show_progress: bool = True) -> StsResult:
     """Evaluate an embedder on STS tasks under the SentEval/SimCSE protocol.
 
     Args:
@@ -392,7 +384,8 @@ def evaluate_sts(embed: Any, tasks: Mapping[str, StsTask], batch_size: int = 128
         max_length: Sentence-token limit for ``encode``; None = the protocol, no truncation
             beyond the model's own limit (:func:`protocol_max_length`).
         limit: Score only the first ``limit`` pairs of every subset (smoke test).
-        show_progress: Progress bar; None = on for a TTY outside CI.
+        show_progress: Report embedding progress (a bar at a terminal, a log line a minute
+            otherwise); False = silent.
 
     Returns:
         The scores; ``spearman`` and ``avg`` are x100.

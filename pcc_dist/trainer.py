@@ -38,7 +38,8 @@ from pcc_dist.data import (
     rescale_scores,
     resolve_data_root,
 )
-from pcc_dist.evaluation import evaluate_sts, format_table, progress_enabled
+from pcc_dist.evaluation import evaluate_sts, format_table
+from pcc_dist.progress import progress_enabled
 from pcc_dist.sampling import GlobalBatchPlan
 from pcc_dist.sharded_encode import ShardedEncoder
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from pcc_dist.modeling._core import ModelError, _base_config, _check_choice
 from pcc_dist.modeling.pooling import pool, resolve_pooling
 from pcc_dist.modeling.templates import TEMPLATES, resolve_template
+from pcc_dist.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -276,8 +277,6 @@ class Embedder(nn.Module):
         Shape:
             returns ``[n, D]`` float32 on CPU, row i = sentence i.
         """
-        from tqdm.auto import tqdm
-
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         sentences = list(sentences)
@@ -290,9 +289,7 @@ class Embedder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with tqdm(
-                total=len(order), disable=not show_progress, desc="embed", unit="sent"
-            ) as bar:
+            with progress(len(order), "embed", "sent", show_progress) as bar:
                 for start in range(0, len(order), batch_size):
                     idx = order[start : start + batch_size]
                     batch = self.collate([ids_list[i] for i in idx])

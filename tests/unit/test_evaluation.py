@@ -28,7 +28,6 @@ from pcc_dist.evaluation import (
     evaluate_sts,
     format_table,
     limit_tasks,
-    progress_enabled,
     senteval_text,
     unique_sentences,
 )
@@ -212,14 +211,6 @@ def test_limit_keeps_the_first_pairs_of_every_subset(synthetic_sts12):
     result = evaluate_sts(embed, {"STS12": task}, limit=2, show_progress=False)
     assert result.n_pairs == {"STS12": 4}
     assert result.limit == 2
-
-
-def test_progress_bar_is_off_in_ci(monkeypatch):
-    monkeypatch.setenv("CI", "true")
-    assert progress_enabled() is False
-    monkeypatch.setenv("CI", "")
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    assert progress_enabled() is False
 
 
 # ------------------------------------------------------------------------------------------------
