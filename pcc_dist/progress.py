@@ -28,7 +28,7 @@ def progress_enabled() -> bool:
 class LogProgress:
     """tqdm's ``update``/``close`` interface, reported as log lines.
 
-    A line ``"<desc>: done/total <unit> (rate <unit>/s, about M min left)"`` is logged when at
+    A line ``"<desc>: done/total <unit> (rate <unit>/s, about T left)"`` is logged when at
     least ``every`` seconds have passed since the previous one (the first after ``every``
     seconds); none once the loop is done, so a short loop logs nothing.
     """
@@ -45,8 +45,10 @@ class LogProgress:
             return
         self._last = now
         rate = self.done / max(now - self._start, 1e-9)
-        logger.info("%s: %d/%d %s (%.1f %s/s, about %.0f min left)", self.desc, self.done,
-                    self.total, self.unit, rate, self.unit, (self.total - self.done) / rate / 60)
+        left = (self.total - self.done) / rate
+        left_text = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min"
+        logger.info("%s: %d/%d %s (%.1f %s/s, about %s left)", self.desc, self.done,
+                    self.total, self.unit, rate, self.unit, left_text)
 
     def close(self) -> None:
         """Nothing to release; present so callers treat this and a tqdm bar alike."""
