@@ -63,8 +63,8 @@ def stage_row(stage: int, wall_seconds: float | None) -> dict:
     """The row of one finished stage, from the ``results_stage<N>.json`` its job left behind.
 
     ``wall_seconds`` is the job's wall time when it ran start to end in this invocation; a stage
-    finished by ``--resume`` has None there, and its ``training.seconds`` and ``eval_seconds``
-    (measured inside the jobs) say where the time went.
+    finished by ``--resume`` has None there, and its ``training.train_seconds`` (summed over
+    the jobs that trained it) and ``eval_seconds`` say where the time went.
     """
     results = json.loads((RUN_DIR / f"results_stage{stage}.json").read_text())
     sts = results["sts"]

@@ -77,6 +77,8 @@ class TrainerState:
     tracking_run_id: str | None = None
     world_size: int = 1
     global_batch_size: int = 0
+    # Seconds spent in training steps so far, summed over every job that ran some of them.
+    train_seconds: float = 0.0
 
 
 def capture_rng() -> dict[str, Any]:

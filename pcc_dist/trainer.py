@@ -64,7 +64,8 @@ class StageOutcome:
     stsb_dev_spearman: float | None
     best_dev_spearman: float | None
     best_step: int | None
-    seconds: float
+    seconds: float  # this job's wall time in the stage
+    train_seconds: float  # time in training steps, summed over the jobs of a resumed stage
     final_checkpoint: str
     decontamination: dict[str, Any] | None
 
@@ -229,7 +230,8 @@ class StageRunner:
                 stage=self.name, steps=state.step, skipped_steps=state.skipped_steps,
                 final_loss=state.last_loss, stsb_dev_spearman=dev,
                 best_dev_spearman=state.best_dev_spearman, best_step=state.best_step,
-                seconds=time.perf_counter() - started, final_checkpoint=str(final),
+                seconds=time.perf_counter() - started, train_seconds=state.train_seconds,
+                final_checkpoint=str(final),
                 decontamination=contamination)
             if self.is_main:
                 (self.stage_dir / "outcome.json").write_text(json.dumps(asdict(outcome),
@@ -257,6 +259,7 @@ class StageRunner:
                 state.consecutive_nonfinite = 0
                 state.last_loss = loss_value
             seconds = time.perf_counter() - tick
+            state.train_seconds += seconds
             batch_r = getattr(loss_module, "last_r", None) if scores is not None else None
             self._log_step(tracker, state, loss_value, batch_r, result, views, seconds, plan)
             progress.update(1)

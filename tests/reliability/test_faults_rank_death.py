@@ -4,10 +4,12 @@ checkpoint and finishes with the losses of the uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -99,3 +101,14 @@ def test_rank_sigkill_restarts_the_group_and_resumes_without_lost_or_repeated_ba
     got = losses(stage)
     assert_same_losses(got, before, range(resume + 1, k + 1), 1e-6)
     assert_same_losses(got, expected, range(1, STEPS + 1), 1e-6)
+
+    # The training time survives the restart: the outcome sums the times of the steps kept
+    # (1..resume from the killed job, resume+1..20 from the restarted one), each recovered from
+    # its metrics line as global batch / pairs per second, not only the restarted job's steps.
+    outcome = json.loads((stage / "outcome.json").read_text())
+    state = json.loads((Path(outcome["final_checkpoint"]) / "trainer_state.json").read_text())
+    lines = step_lines(stage)
+    kept = lines[:resume] + lines[k:]
+    assert [r["step"] for r in kept] == list(range(1, STEPS + 1))
+    step_seconds = sum(state["global_batch_size"] / r["perf/pairs_per_s"] for r in kept)
+    assert outcome["train_seconds"] == pytest.approx(step_seconds, rel=1e-6)
