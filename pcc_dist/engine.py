@@ -645,7 +645,8 @@ class TrainEngine:
         its Adam moments, the Adam step and the schedule, gathered whole from the partitions.
         :meth:`load_checkpoint` uses it when the world size changed; with the same W it loads
         DeepSpeed's own files (bit-exact). A full-parameter 7B state (~84 GB with moments) is
-        too large to gather on one rank and gets no portable copy.
+        too large to gather on one rank and gets no portable copy. Without ZeRO (stage 0)
+        DeepSpeed's own files load on any W and no copy is needed.
 
         Args:
             folder: Target folder (created); the checkpoint manager renames it atomically.
@@ -654,7 +655,8 @@ class TrainEngine:
         self._ds.save_checkpoint(str(folder), tag=_CHECKPOINT_TAG, save_latest=True,
                                  exclude_frozen_parameters=self._has_frozen)
         numel = sum(int(getattr(p, "ds_numel", p.numel())) for _, p in self._trainable())
-        portable = self._portable_state() if numel <= PORTABLE_MAX_NUMEL else None
+        portable = (self._portable_state()
+                    if self._partitioned() and numel <= PORTABLE_MAX_NUMEL else None)
         if self.rank == 0:
             if portable is not None:
                 torch.save(portable, Path(folder) / _PORTABLE_FILE)
@@ -682,7 +684,7 @@ class TrainEngine:
                                     f"{_CHECKPOINT_TAG}/ folder); pass a folder written by "
                                     "TrainEngine.save_checkpoint")
         saved_world = _saved_world_size(Path(folder) / _WORLD_FILE)
-        if saved_world is not None and saved_world != self.world_size:
+        if saved_world is not None and saved_world != self.world_size and self._partitioned():
             self._load_portable(Path(folder), saved_world, module_only)
             return
         with _weights_only_loads(self._ds.checkpoint_engine):
@@ -694,6 +696,14 @@ class TrainEngine:
             raise FileNotFoundError(f"DeepSpeed could not load a checkpoint from {folder}")
 
     # -- world-size-free state ---------------------------------------------------------------
+
+    def _partitioned(self) -> bool:
+        """ZeRO stage >= 1: the optimizer state (and at stage 3 the weights) is cut per rank.
+
+        Without ZeRO (stage 0) DeepSpeed saves whole tensors and a plain torch optimizer, which
+        load on any world size and have no partitions to gather.
+        """
+        return self._ds.zero_optimization_stage() > 0
 
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]

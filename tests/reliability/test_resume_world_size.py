@@ -9,11 +9,13 @@ and follow the uninterrupted trajectory.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
 from _runs import (
+    ROOT,
     STEPS,
     assert_same_losses,
     losses,
@@ -96,3 +98,33 @@ def test_negative_control_resume_with_lost_adam_moments_leaves_the_trajectory(
     expected = losses(source / "stage2")
     worst = max(abs(got[s] - expected[s]) for s in range(RESUME_AT + 1, STEPS + 1))
     assert worst > 100 * TOL_ACROSS_W, worst
+
+
+def test_without_zero_checkpoints_save_and_resume_on_another_world_size(tmp_path_factory,
+                                                                      tmp_path):
+    """ZeRO stage 0 (a user's own DeepSpeed JSON): DeepSpeed wraps no ZeRO optimizer, so there
+    are no partitions to gather for a portable copy; its own files hold whole tensors and load
+    on any world size. The step-10 checkpoint of a 1-rank run, resumed on 2 ranks, continues
+    that run's trajectory."""
+    raw = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    raw["zero_optimization"] = {"stage": 0}
+    ds_json = tmp_path / "zero0.json"
+    ds_json.write_text(json.dumps(raw))
+    model = tiny_llama(tmp_path_factory)
+    zero0 = f"train.deepspeed_config={ds_json}"
+    source = tmp_path / "source"
+    run(train_cmd(1, model, source, zero0), tmp_path / "1.txt")
+    name = f"step-{RESUME_AT:08d}"
+    assert not (source / "stage2" / "checkpoints" / name / "engine" / "portable_state.pt").exists()
+
+    out = tmp_path / "run"
+    shutil.copytree(source / "stage2" / "checkpoints" / name,
+                    out / "stage2" / "checkpoints" / name)
+    log = tmp_path / "2.txt"
+    run(train_cmd(2, model, out, zero0), log)
+    assert f"{name} at step {RESUME_AT}" in log.read_text()
+    after = range(RESUME_AT + 1, STEPS + 1)
+    assert [r["step"] for r in step_lines(out / "stage2")] == list(after)
+    got = losses(out / "stage2")
+    assert_same_losses(got, losses(source / "stage2"), after, TOL_ACROSS_W)
+    assert len({round(v, 4) for v in got.values()}) >= 8
