@@ -337,7 +337,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sides = list(summary)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4))
     ax1.bar(sides, [summary[s]["median_pairs_per_second"] for s in sides],
             color=["tab:gray" if s == "sentence_transformers" else "tab:blue" for s in sides])
     ax1.set_ylabel("pairs/s (median run)")
@@ -356,7 +356,8 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("ms per step (mean over runs)")
     ax2.set_title("where a step's time goes")
     ax2.tick_params(axis="x", rotation=20)
-    ax2.legend(fontsize=7)
+    # Outside the axes: inside, it hid the tallest bars' top segments.
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
