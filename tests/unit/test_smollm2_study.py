@@ -1,0 +1,79 @@
+"""``benchmarks/smollm2_study.py``: a fresh study runs both stages; ``--resume`` runs only the
+stages without a ``results_stage<N>.json`` and keeps the earlier rows' wall times.
+
+The ``pcc-train`` jobs are replaced by a fake that writes the ``results.json`` a finished stage
+leaves behind, so the test checks the study's bookkeeping, not training.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # for its `_common` import
+    spec = importlib.util.spec_from_file_location("smollm2_study",
+                                                  ROOT / "benchmarks" / "smollm2_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import _common
+
+    results = tmp_path / "results"
+    results.mkdir()
+    zeroshot = results / "smollm2_prompteol_zeroshot.json"
+    zeroshot.write_text(json.dumps({"seconds": 700.0, "spearman": {"STS12": 50.0}, "avg": 50.0}))
+    monkeypatch.setattr(module, "RUN_DIR", tmp_path / "run")
+    monkeypatch.setattr(module, "RESULTS_DIR", results)
+    monkeypatch.setattr(_common, "RESULTS_DIR", results)
+    monkeypatch.setattr(module, "ZEROSHOT_JSON", zeroshot)
+    module.jobs = []
+
+    def fake_job(command):
+        stage = int(command[-1].split("stage")[-1].removesuffix(".yaml"))
+        module.jobs.append(stage)
+        module.RUN_DIR.mkdir(exist_ok=True)
+        (module.RUN_DIR / "results.json").write_text(json.dumps({
+            "sts": {"spearman": {"STS12": 60.0 + stage}, "avg": 60.0 + stage, "seconds": 9.0},
+            "stages": {f"stage{stage}": {"steps": 10 * stage}}}))
+        return 100.0 * stage
+
+    monkeypatch.setattr(module, "_run", fake_job)
+    return module
+
+
+def _rows(study):
+    return json.loads((study.RESULTS_DIR / "smollm2_study.json").read_text())["rows"]
+
+
+def test_fresh_study_runs_both_stages_in_a_fresh_folder(study):
+    study.RUN_DIR.mkdir()
+    (study.RUN_DIR / "results_stage1.json").write_text("{}")  # an older study's leftovers
+    assert study.main([]) == 0
+    assert study.jobs == [1, 2]
+    rows = _rows(study)
+    assert [(r["stage"], r["avg"], r["wall_seconds"]) for r in rows] == [
+        ("zero-shot (PromptEOL)", 50.0, 700.0), ("after stage 1", 61.0, 100.0),
+        ("after stage 2", 62.0, 200.0)]
+    assert rows[2]["training"] == {"steps": 20}
+
+
+def test_resume_runs_only_the_unfinished_stage_and_keeps_earlier_wall_times(study):
+    assert study.main([]) == 0
+    (study.RUN_DIR / "results_stage2.json").unlink()  # stage 2 was interrupted
+    study.jobs.clear()
+    assert study.main(["--resume"]) == 0
+    assert study.jobs == [2]
+    rows = _rows(study)
+    assert [(r["stage"], r["wall_seconds"]) for r in rows] == [
+        ("zero-shot (PromptEOL)", 700.0), ("after stage 1", 100.0), ("after stage 2", None)]
+    assert (study.RUN_DIR / "results_stage2.json").is_file()
+    # Control: without --resume the same folder is a fresh study again.
+    study.jobs.clear()
+    assert study.main([]) == 0
+    assert study.jobs == [1, 2]
