@@ -59,6 +59,11 @@ def zero_shot(measure: bool) -> dict:
             "spearman": result["spearman"], "avg": result["avg"]}
 
 
+def stage_config(stage: int) -> Path:
+    """The recipe of one stage, ``launchers/configs/smollm2_stage<N>.yaml``."""
+    return CONFIGS / f"smollm2_stage{stage}.yaml"
+
+
 def stage_row(stage: int, wall_seconds: float | None) -> dict:
     """The row of one finished stage, from the ``results_stage<N>.json`` its job left behind.
 
@@ -69,7 +74,7 @@ def stage_row(stage: int, wall_seconds: float | None) -> dict:
     results = json.loads((RUN_DIR / f"results_stage{stage}.json").read_text())
     sts = results["sts"]
     return {"stage": f"after stage {stage}", "command":
-            f".venv/bin/pcc-train --config launchers/configs/smollm2_stage{stage}.yaml",
+            f".venv/bin/pcc-train --config {stage_config(stage).relative_to(REPO_ROOT)}",
             "wall_seconds": wall_seconds, "eval_seconds": sts["seconds"],
             "spearman": sts["spearman"], "avg": sts["avg"],
             "training": results["stages"][f"stage{stage}"]}
@@ -78,8 +83,7 @@ def stage_row(stage: int, wall_seconds: float | None) -> dict:
 def train_stage(stage: int) -> float:
     """Train one stage as its own job (it resumes from its newest checkpoint, if any) and keep
     the job's ``results.json`` as ``results_stage<N>.json``; returns the job's wall seconds."""
-    seconds = _run([str(BIN / "pcc-train"), "--config",
-                    str(CONFIGS / f"smollm2_stage{stage}.yaml")])
+    seconds = _run([str(BIN / "pcc-train"), "--config", str(stage_config(stage))])
     # The next stage's job rewrites results.json in the same folder: keep this stage's copy.
     shutil.copy(RUN_DIR / "results.json", RUN_DIR / f"results_stage{stage}.json")
     return seconds

@@ -61,6 +61,9 @@ def test_fresh_study_runs_both_stages_in_a_fresh_folder(study):
         ("zero-shot (PromptEOL)", 50.0, 700.0), ("after stage 1", 61.0, 100.0),
         ("after stage 2", 62.0, 200.0)]
     assert rows[2]["training"] == {"steps": 20}
+    # The README's command, relative to the repository, not this checkout's absolute path.
+    assert rows[1]["command"] == (
+        ".venv/bin/pcc-train --config launchers/configs/smollm2_stage1.yaml")
 
 
 def test_resume_runs_only_the_unfinished_stage_and_keeps_earlier_wall_times(study):
