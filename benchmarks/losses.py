@@ -241,9 +241,9 @@ def _cuda_time(fn, inputs) -> tuple[float, int]:
 
 def _cuda_triton_rows() -> dict[str, Any]:
     import torch
+
     from pcc_dist.kernels.infonce import infonce_triton
     from pcc_dist.kernels.pearson import pearson_triton
-
     from pcc_dist.losses import infonce_reference, pearson_reference
 
     rows: dict[str, Any] = {}

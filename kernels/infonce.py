@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from pcc_dist.kernels import require_triton
-from pcc_dist.kernels.pearson import check_triton_device
 
+from pcc_dist.kernels._utils import check_triton_device, require_triton, row_major
 from pcc_dist.losses.reference import DEFAULT_EPS, global_infonce
 
 triton = require_triton()
@@ -338,9 +337,6 @@ def _normalise_grad_kernel(
         )
 
 
-def _row_major(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
 
 def _row_norms(x: torch.Tensor, block_d: int) -> torch.Tensor:
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
@@ -383,8 +379,8 @@ class InfoNCETritonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors, labels, temperature: float, eps: float, tiles, *blocks):
         block_b, block_m, block_d = tiles
-        anchors = _row_major(anchors)
-        blocks = tuple(_row_major(c) for c in blocks)
+        anchors = row_major(anchors)
+        blocks = tuple(row_major(c) for c in blocks)
         labels = labels.contiguous()
         rows, dim = anchors.shape
         inv_temp = 1.0 / temperature

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from pcc_dist.kernels import interpreter_enabled, require_triton
 
+from pcc_dist.kernels._utils import check_triton_device, require_triton, row_major
 from pcc_dist.losses.reference import (
     DEFAULT_EPS,
     PearsonOutput,
@@ -154,19 +154,6 @@ def _blocks(dim: int, block_b: int | None, block_d: int | None) -> tuple[int, in
     return block_b or max(1, _TILE_ELEMENTS // bd), bd
 
 
-def _row_major(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def check_triton_device(t: torch.Tensor) -> None:
-    """Raise ``RuntimeError`` when Triton cannot run on ``t``'s device."""
-    if t.device.type == "cuda" or (t.device.type == "cpu" and interpreter_enabled()):
-        return
-    raise RuntimeError(
-        "the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1, tests "
-        "only), "
-        f"got {t.device.type} tensors; use kernel='torch'"
-    )
 
 
 class PearsonTritonFunction(torch.autograd.Function):
@@ -176,7 +163,7 @@ class PearsonTritonFunction(torch.autograd.Function):
     def forward(
         ctx, a, b, scores, group, grad_scale: float, eps: float, block_b: int, block_d: int
     ):
-        a, b, scores = _row_major(a), _row_major(b), scores.contiguous()
+        a, b, scores = row_major(a), row_major(b), scores.contiguous()
         rows, dim = a.shape
         x = torch.empty(rows, dtype=torch.float32, device=a.device)
         norm_a, norm_b = torch.empty_like(x), torch.empty_like(x)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pcc_dist.kernels import resolve_kernel_once, validate_kernel_choice
+from pcc_dist.losses.kernel_choice import resolve_kernel_once, validate_kernel_choice
 from pcc_dist.losses.reference import DEFAULT_EPS, infonce_reference
 
 __all__ = ["InfoNCELoss"]

@@ -10,8 +10,8 @@ import logging
 
 import pytest
 import torch
-from pcc_dist.kernels.infonce import infonce_triton
 
+from pcc_dist.kernels.infonce import infonce_triton
 from pcc_dist.losses import InfoNCELoss, infonce_reference
 
 RTOL = 1e-5

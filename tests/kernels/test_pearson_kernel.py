@@ -10,8 +10,8 @@ import logging
 
 import pytest
 import torch
-from pcc_dist.kernels.pearson import pearson_triton
 
+from pcc_dist.kernels.pearson import pearson_triton
 from pcc_dist.losses import PearsonLoss, pearson_reference
 
 RTOL = 1e-5

@@ -383,7 +383,7 @@ def test_triton_without_cuda_is_an_error(cls, monkeypatch):
 
 
 def test_missing_triton_names_the_package(monkeypatch):
-    from pcc_dist.kernels import require_triton
+    from pcc_dist.kernels._utils import require_triton
 
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     with pytest.raises(ImportError, match="pip install triton"):

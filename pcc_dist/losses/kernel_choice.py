@@ -1,52 +1,22 @@
-"""Fused Triton kernels of the losses, installed as ``pcc_dist.kernels``.
+"""Which implementation of a loss runs: the fused Triton kernels or the pure-torch reference.
 
-Import the kernels as ``pcc_dist.kernels.pearson`` and ``pcc_dist.kernels.infonce``; they import
-Triton at module import time. This package module itself never imports Triton, so ``import
-pcc_dist.losses`` works with only torch installed: the loss modules import a kernel module only on
-the Triton path.
-
-Where Triton runs: on CUDA tensors (compiled), or on CPU tensors through Triton's interpreter
-when ``TRITON_INTERPRET=1`` is set *before* the kernel modules are imported (tests only: it is
-~1000× slower than torch and computes bf16 wrongly, so use fp32 there).
+``loss.kernel`` is ``auto | triton | torch``: ``auto`` takes Triton on CUDA tensors when Triton is
+installed and the reference elsewhere; ``triton`` on a machine that cannot run it is an error,
+raised before any tensor exists. Never imports Triton itself (``import pcc_dist.losses`` works with
+only torch installed).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
-from types import ModuleType
 
 import torch
 
-__all__ = [
-    "KERNEL_CHOICES",
-    "interpreter_enabled",
-    "require_triton",
-    "resolve_kernel",
-    "validate_kernel_choice",
-]
+from pcc_dist.kernels._utils import interpreter_enabled, require_triton
 
-logger = logging.getLogger(__name__)
+__all__ = ["KERNEL_CHOICES", "resolve_kernel", "resolve_kernel_once", "validate_kernel_choice"]
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
-
-_INSTALL_HINT = "pip install triton (it is part of `pip install pcc-dist`; CUDA machines only)"
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton's CPU interpreter is requested (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def require_triton() -> ModuleType:
-    """Import and return ``triton``, or raise ``ImportError`` naming the package to install."""
-    try:
-        return importlib.import_module("triton")
-    except ImportError as err:
-        raise ImportError(
-            f"the Triton kernels need the `triton` package, which is not installed: {_INSTALL_HINT}"
-        ) from err
 
 
 def validate_kernel_choice(kernel: str) -> None:
