@@ -29,7 +29,8 @@ ifneq ($(strip $(PIP_FIND_LINKS_CONF)),)
 export UV_FIND_LINKS ?= $(PIP_FIND_LINKS_CONF)
 endif
 
-.PHONY: demo test test-slow test-latest lint install check-lock lock clean bench
+.PHONY: demo test test-slow test-latest lint install check-lock lock clean bench gpu-check \
+        gpu-wheels
 
 install: $(STAMP)
 
@@ -76,6 +77,28 @@ demo: $(STAMP)
 # sized to finish within an hour on the 2-core CPU machine. BENCH_ARGS=--quick for a smoke run.
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+# The one prepared GPU check (benchmarks/gpu_check.py, ≤ 8 min on one H100; README "GPU check").
+# It runs on the GPU machine with that machine's CUDA Python (GPU_PYTHON) from this checkout,
+# plus the wheels `make gpu-wheels` put in .whl/ for what its image lacks.
+GPU_PYTHON ?= python3
+GPU_SITE   ?= /tmp/pcc-gpu-site
+gpu-check:
+	@if ls .whl/* >/dev/null 2>&1; then $(GPU_PYTHON) -m pip install --quiet --no-index \
+	  --no-deps --no-build-isolation --target $(GPU_SITE) .whl/*; fi
+	PYTHONPATH=$(CURDIR):$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py
+
+# Wheels (Python 3.12, manylinux x86-64) of the lock's versions of what the GPU machine's image
+# lacks, for `carry: [".whl"]`: bitsandbytes, DeepSpeed (an sdist: built there) and its small deps.
+GPU_WHEELS := bitsandbytes hjson py-cpuinfo msgpack
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl \
+	  $(foreach p,$(GPU_WHEELS),$(p)==$(shell sed -n 's/^$(p)==//p' $(LOCK)))
+	$(PY) -m pip download --quiet --no-deps --no-binary=:all: -d .whl \
+	  deepspeed==$(shell sed -n 's/^deepspeed==//p' $(LOCK))
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" --timeout=900 -q

@@ -1,15 +1,34 @@
-"""Fused Triton kernels of InfoNCE: tiled cosine logits with an online log-sum-exp, never N×M.
+"""Fused Triton kernels of InfoNCE: tiled cosine logits, tensor cores, a grid that fills the GPU.
 
-Per candidate block (positives, then hard negatives; each ``[M_k, D]``):
+Per candidate block (positives, then hard negatives; each ``[M_k, D]``), with the cosine fused
+into the tiles as ``(aᵢ·cⱼ)·(1/max(‖aᵢ‖, eps))·(1/max(‖cⱼ‖, eps))``:
 
-- :func:`_row_norm_kernel` computes row norms once; the cosine is fused into the tiles as
-  ``(aᵢ·cⱼ)·(1/max(‖aᵢ‖, eps))·(1/max(‖cⱼ‖, eps))``, so no normalised copy is written.
-- :func:`_infonce_fwd_kernel`: one program per BLOCK_B anchors walks the candidates in BLOCK_M
-  tiles, keeps a running max and sum (flash-attention style) and writes the per-anchor
-  log-sum-exp and positive logit: O(B + M) outputs, no [B × M] buffer.
-- Backward recomputes each tile. :func:`_infonce_bwd_anchor_kernel` (programs over anchors) and
-  :func:`_infonce_bwd_candidate_kernel` (programs over candidates) each own their output rows, so
-  no atomics are needed; :func:`_normalise_grad_kernel` applies the chain rule through the norm.
+- Norms: :func:`_row_sq_kernel` sums squares over (row tile, D slice) programs.
+- Forward, two modes chosen by :func:`plan_block` from the shapes:
+
+  * **fused** (B·M_k large enough to give every program its own tiles):
+    :func:`_infonce_fwd_kernel` runs one program per (anchor tile, slice of candidate tiles),
+    keeps a running max and sum over its slice (flash-attention style) and writes one partial
+    (max, sum, positive logit) per anchor and slice; the host merges the slices with a
+    log-sum-exp. Memory O(B · slices), never [B × M_k].
+  * **split-D** (B·M_k too small to fill the GPU, e.g. 32 anchors × 256 candidates on one of 8
+    ranks): :func:`_dot_partial_kernel` also splits D across programs and writes partial dot
+    products ``[S, B, M_k]``; the host sums them and finishes the softmax in torch. Small by
+    construction (fewer than 2 × SMs tiles of ≤ 64 × 64).
+
+- Backward: Gᵢⱼ = ∂L/∂cosᵢⱼ = (Pᵢⱼ − δ(j, labelᵢ))·gᵢ/τ, then two products
+  ``acc_a = G·diag(1/‖c‖)·C`` and ``acc_c = Gᵀ·diag(1/‖a‖)·A`` by :func:`_scaled_matmul_kernel`
+  (a GEMM holding its output tile in registers: each output element is written once, no
+  read-modify-write of global memory inside a launch, no atomics, deterministic). G comes from the
+  saved dots (split-D mode) or from :func:`_grad_logits_kernel`, which recomputes the tiles for a
+  panel of anchor rows whose G fits ``workspace_bytes`` (fused mode).
+  :func:`_normalise_grad_kernel` applies the chain rule through the norms.
+
+Precision: fp32 inputs use IEEE fp32 products everywhere (``input_precision="ieee"``; TF32 would
+cost ~3 decimal digits of the cosine). bf16/fp16 inputs feed their tiles to ``tl.dot`` unconverted
+with an fp32 accumulator (tensor cores; a product of two 16-bit values is exact in fp32), and the
+gradient GEMMs multiply the fp32 G by the upcast inputs in TF32 (tensor cores; the 16-bit inputs
+are exact in TF32, G is rounded to 10 mantissa bits).
 
 The cross-rank wiring (gather, labels offset by rank, global mean, gradient convention) is shared
 with the torch reference through :func:`pcc_dist.losses.reference.global_infonce`;
@@ -20,463 +39,487 @@ Importing this module imports Triton (``ImportError`` naming the package when it
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 from pcc_dist.kernels._utils import check_triton_device, require_triton, row_major
+from pcc_dist.kernels.launch import (
+    Launch,
+    cdiv,
+    check_tile,
+    grid_tiles,
+    pointer,
+    target_programs,
+)
 from pcc_dist.losses.reference import DEFAULT_EPS, global_infonce
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402  (after the guarded import that names the missing package)
 
-__all__ = ["InfoNCETritonFunction", "infonce_triton"]
+__all__ = ["InfoNCETritonFunction", "infonce_triton", "plan_block", "plan_launches"]
 
-# Tile sizes: tl.dot needs every edge ≥ 16. 32 anchors × 64 candidates × 64 dims keeps three fp32
-# operand tiles at 8–16 KiB each. Not tuned on a GPU (none on the development machine).
-_DEFAULT_BLOCKS = (32, 64, 64)
-_NORM_BLOCK_R = 16
+_MAX_TILE = 64  # anchor and candidate tile edge: a 64 × 64 fp32 accumulator is 32 registers/thread
+_K_STEP = 32  # D (or GEMM inner) elements per tl.dot step
+_ROW_TILE = 16  # rows per program of the row kernels (norms, normalisation)
+_WORKSPACE_BYTES = 256 * 2**20  # fp32 G panel of the fused-mode backward
 
 
 @triton.jit
-def _row_norm_kernel(
-    x_ptr, out_ptr, rows, dim, stride, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
-):
+def _row_sq_kernel(x_ptr, out_ptr, rows, dim, d_chunk, stride,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # out[s, r] = Σ over D slice s of x[r, d]²; grid (row tiles, D slices).
     offs_r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = offs_r < rows
+    d_lo = tl.program_id(1) * d_chunk
+    d_hi = tl.minimum(d_lo + d_chunk, dim)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
+    for d0 in range(d_lo, d_hi, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (offs_d[None, :] < dim)
-        x = tl.load(x_ptr + offs_r[:, None] * stride + offs_d[None, :], mask=mask, other=0.0).to(
-            tl.float32
-        )
+        mask = row_ok[:, None] & (offs_d[None, :] < d_hi)
+        x = tl.load(x_ptr + offs_r[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
         acc += tl.sum(x * x, axis=1)
-    tl.store(out_ptr + offs_r, tl.sqrt(acc), mask=row_ok)
+    tl.store(out_ptr + tl.program_id(1) * rows + offs_r, acc, mask=row_ok)
 
 
 @triton.jit
-def _dot_tile(
-    a_ptr,
-    c_ptr,
-    offs_b,
-    offs_m,
-    row_ok,
-    col_ok,
-    dim,
-    stride_a,
-    stride_c,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """[BLOCK_B × BLOCK_M] raw dot products aᵢ·cⱼ, accumulated over D in BLOCK_D steps."""
+def _dot_tile(a_ptr, c_ptr, offs_b, offs_m, row_ok, col_ok, d_lo, d_hi, stride_a, stride_c,
+              BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """[BLOCK_B × BLOCK_M] raw dot products aᵢ·cⱼ over d in [d_lo, d_hi), fp32 accumulator."""
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
+    for d0 in range(d_lo, d_hi, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < dim
-        a = tl.load(
-            a_ptr + offs_b[:, None] * stride_a + offs_d[None, :],
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        c = tl.load(
-            c_ptr + offs_m[:, None] * stride_c + offs_d[None, :],
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        # "ieee": fp32 products; the TF32 default would cost ~3 decimal digits of the cosine.
-        acc = tl.dot(a, tl.trans(c), acc, input_precision="ieee")
+        d_ok = offs_d < d_hi
+        a = tl.load(a_ptr + offs_b[:, None] * stride_a + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        c = tl.load(c_ptr + offs_m[:, None] * stride_c + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        # Operands in their own dtype: 16-bit tiles run on tensor cores with fp32 accumulation.
+        acc = tl.dot(a, tl.trans(c), acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
-def _infonce_fwd_kernel(
-    a_ptr,
-    c_ptr,
-    norm_a_ptr,
-    norm_c_ptr,
-    label_ptr,
-    lse_ptr,
-    pos_ptr,
-    rows,
-    cands,
-    dim,
-    label_offset,
-    stride_a,
-    stride_c,
-    inv_temp,
-    eps,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+def _infonce_fwd_kernel(a_ptr, c_ptr, inv_a_ptr, inv_c_ptr, label_ptr, max_ptr, sum_ptr, pos_ptr,
+                        rows, cands, dim, label_offset, tiles_per_slice, stride_a, stride_c,
+                        inv_temp, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # Program (anchor tile, candidate slice): online max/sum over the slice's tiles, written as
+    # partials [slices, rows]. Slices are never empty (plan_block), so run_max ends finite.
     offs_b = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     row_ok = offs_b < rows
-    inv_a = 1.0 / tl.maximum(tl.load(norm_a_ptr + offs_b, mask=row_ok, other=1.0), eps)
+    inv_a = tl.load(inv_a_ptr + offs_b, mask=row_ok, other=0.0)
     label = tl.load(label_ptr + offs_b, mask=row_ok, other=-1) - label_offset
     run_max = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     pos = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for m0 in range(0, cands, BLOCK_M):
+    m_lo = tl.program_id(1) * tiles_per_slice * BLOCK_M
+    m_hi = tl.minimum(m_lo + tiles_per_slice * BLOCK_M, cands)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        col_ok = offs_m < cands
-        dots = _dot_tile(
-            a_ptr,
-            c_ptr,
-            offs_b,
-            offs_m,
-            row_ok,
-            col_ok,
-            dim,
-            stride_a,
-            stride_c,
-            BLOCK_B,
-            BLOCK_M,
-            BLOCK_D,
-        )
-        inv_c = 1.0 / tl.maximum(tl.load(norm_c_ptr + offs_m, mask=col_ok, other=1.0), eps)
+        col_ok = offs_m < m_hi
+        dots = _dot_tile(a_ptr, c_ptr, offs_b, offs_m, row_ok, col_ok, 0, dim, stride_a,
+                         stride_c, BLOCK_B, BLOCK_M, BLOCK_D, PRECISION)
+        inv_c = tl.load(inv_c_ptr + offs_m, mask=col_ok, other=0.0)
         logits = dots * inv_a[:, None] * inv_c[None, :] * inv_temp
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
         pos += tl.sum(tl.where(offs_m[None, :] == label[:, None], logits, 0.0), axis=1)
         new_max = tl.maximum(run_max, tl.max(logits, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(
-            tl.exp(logits - new_max[:, None]), axis=1
-        )
+            tl.exp(logits - new_max[:, None]), axis=1)
         run_max = new_max
-    tl.store(lse_ptr + offs_b, run_max + tl.log(run_sum), mask=row_ok)
-    tl.store(pos_ptr + offs_b, pos, mask=row_ok)
+    out = tl.program_id(1) * rows + offs_b
+    tl.store(max_ptr + out, run_max, mask=row_ok)
+    tl.store(sum_ptr + out, run_sum, mask=row_ok)
+    tl.store(pos_ptr + out, pos, mask=row_ok)
 
 
 @triton.jit
-def _grad_logit_tile(dots, inv_a, inv_c, lse, row_scale, label, offs_m, row_ok, col_ok, inv_temp):
-    """(G, cos) for a tile: Gᵢⱼ = ∂L/∂cosᵢⱼ = (Pᵢⱼ − δ(j, labelᵢ))·gᵢ/τ, zero outside the batch."""
-    cos = dots * inv_a[:, None] * inv_c[None, :]
-    # Padded lanes get exp(−inf) = 0; masking after the exp could overflow first (lse ≈ −1/τ).
-    valid = row_ok[:, None] & col_ok[None, :]
-    prob = tl.exp(tl.where(valid, cos * inv_temp - lse[:, None], float("-inf")))
-    onehot = tl.where(offs_m[None, :] == label[:, None], 1.0, 0.0)
-    return (prob - onehot) * row_scale[:, None], cos
-
-
-@triton.jit
-def _infonce_bwd_anchor_kernel(
-    a_ptr,
-    c_ptr,
-    norm_a_ptr,
-    norm_c_ptr,
-    label_ptr,
-    lse_ptr,
-    row_scale_ptr,
-    acc_ptr,
-    t_ptr,
-    rows,
-    cands,
-    dim,
-    label_offset,
-    stride_a,
-    stride_c,
-    stride_acc,
-    inv_temp,
-    eps,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # acc[i] += Σⱼ Gᵢⱼ cⱼ/‖cⱼ‖ and t[i] += Σⱼ Gᵢⱼ cosᵢⱼ; this program owns anchor rows offs_b.
+def _dot_partial_kernel(a_ptr, c_ptr, out_ptr, rows, cands, dim, d_chunk, stride_a, stride_c,
+                        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    # Program (anchor tile, candidate tile, D slice s): out[s, i, j] = Σ over slice s of aᵢ·cⱼ.
     offs_b = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = offs_b < rows
-    inv_a = 1.0 / tl.maximum(tl.load(norm_a_ptr + offs_b, mask=row_ok, other=1.0), eps)
+    col_ok = offs_m < cands
+    d_lo = tl.program_id(2) * d_chunk
+    d_hi = tl.minimum(d_lo + d_chunk, dim)
+    dots = _dot_tile(a_ptr, c_ptr, offs_b, offs_m, row_ok, col_ok, d_lo, d_hi, stride_a, stride_c,
+                     BLOCK_B, BLOCK_M, BLOCK_D, PRECISION)
+    out = out_ptr + tl.program_id(2).to(tl.int64) * rows * cands
+    tl.store(out + offs_b[:, None] * cands + offs_m[None, :], dots,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grad_logits_kernel(a_ptr, c_ptr, inv_a_ptr, inv_c_ptr, label_ptr, lse_ptr, row_scale_ptr,
+                        g_ptr, ta_ptr, tc_ptr, rows, cands, dim, label_offset, stride_a, stride_c,
+                        inv_temp, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # Program (candidate tile, anchor tile) of a panel: G tile into g[rows, cands], and the
+    # partial sums of G·cos over the tile's candidates (ta[m tile, i]) and anchors (tc[b tile, j]).
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_b = (tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    row_ok = offs_b < rows
+    col_ok = offs_m < cands
+    dots = _dot_tile(a_ptr, c_ptr, offs_b, offs_m, row_ok, col_ok, 0, dim, stride_a, stride_c,
+                     BLOCK_B, BLOCK_M, BLOCK_D, PRECISION)
+    inv_a = tl.load(inv_a_ptr + offs_b, mask=row_ok, other=0.0)
+    inv_c = tl.load(inv_c_ptr + offs_m, mask=col_ok, other=0.0)
     label = tl.load(label_ptr + offs_b, mask=row_ok, other=-1) - label_offset
     lse = tl.load(lse_ptr + offs_b, mask=row_ok, other=0.0)
     row_scale = tl.load(row_scale_ptr + offs_b, mask=row_ok, other=0.0)
-    t = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for m0 in range(0, cands, BLOCK_M):
-        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        col_ok = offs_m < cands
-        dots = _dot_tile(
-            a_ptr,
-            c_ptr,
-            offs_b,
-            offs_m,
-            row_ok,
-            col_ok,
-            dim,
-            stride_a,
-            stride_c,
-            BLOCK_B,
-            BLOCK_M,
-            BLOCK_D,
-        )
-        inv_c = 1.0 / tl.maximum(tl.load(norm_c_ptr + offs_m, mask=col_ok, other=1.0), eps)
-        grad, cos = _grad_logit_tile(
-            dots, inv_a, inv_c, lse, row_scale, label, offs_m, row_ok, col_ok, inv_temp
-        )
-        t += tl.sum(grad * cos, axis=1)
-        grad = grad * inv_c[None, :]
-        for d0 in range(0, dim, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < dim
-            c = tl.load(
-                c_ptr + offs_m[:, None] * stride_c + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            ptrs = acc_ptr + offs_b[:, None] * stride_acc + offs_d[None, :]
-            mask = row_ok[:, None] & d_ok[None, :]
-            acc = tl.load(ptrs, mask=mask, other=0.0)
-            tl.store(ptrs, tl.dot(grad, c, acc, input_precision="ieee"), mask=mask)
-    tl.store(t_ptr + offs_b, tl.load(t_ptr + offs_b, mask=row_ok, other=0.0) + t, mask=row_ok)
+    cos = dots * inv_a[:, None] * inv_c[None, :]
+    valid = row_ok[:, None] & col_ok[None, :]
+    # Padded lanes get exp(−inf) = 0; masking after the exp could overflow first (lse ≈ −1/τ).
+    prob = tl.exp(tl.where(valid, cos * inv_temp - lse[:, None], float("-inf")))
+    onehot = tl.where(offs_m[None, :] == label[:, None], 1.0, 0.0)
+    grad = (prob - onehot) * row_scale[:, None]
+    tl.store(g_ptr + offs_b[:, None] * cands + offs_m[None, :], grad, mask=valid)
+    weighted = grad * cos
+    tl.store(ta_ptr + tl.program_id(0) * rows + offs_b, tl.sum(weighted, axis=1), mask=row_ok)
+    tl.store(tc_ptr + tl.program_id(1) * cands + offs_m, tl.sum(weighted, axis=0), mask=col_ok)
 
 
 @triton.jit
-def _infonce_bwd_candidate_kernel(
-    a_ptr,
-    c_ptr,
-    norm_a_ptr,
-    norm_c_ptr,
-    label_ptr,
-    lse_ptr,
-    row_scale_ptr,
-    acc_ptr,
-    t_ptr,
-    rows,
-    cands,
-    dim,
-    label_offset,
-    stride_a,
-    stride_c,
-    stride_acc,
-    inv_temp,
-    eps,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # acc[j] = Σᵢ Gᵢⱼ aᵢ/‖aᵢ‖ and t[j] = Σᵢ Gᵢⱼ cosᵢⱼ; this program owns candidate rows offs_m.
-    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    col_ok = offs_m < cands
-    inv_c = 1.0 / tl.maximum(tl.load(norm_c_ptr + offs_m, mask=col_ok, other=1.0), eps)
-    t = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for b0 in range(0, rows, BLOCK_B):
-        offs_b = (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)
-        row_ok = offs_b < rows
-        inv_a = 1.0 / tl.maximum(tl.load(norm_a_ptr + offs_b, mask=row_ok, other=1.0), eps)
-        label = tl.load(label_ptr + offs_b, mask=row_ok, other=-1) - label_offset
-        lse = tl.load(lse_ptr + offs_b, mask=row_ok, other=0.0)
-        row_scale = tl.load(row_scale_ptr + offs_b, mask=row_ok, other=0.0)
-        dots = _dot_tile(
-            a_ptr,
-            c_ptr,
-            offs_b,
-            offs_m,
-            row_ok,
-            col_ok,
-            dim,
-            stride_a,
-            stride_c,
-            BLOCK_B,
-            BLOCK_M,
-            BLOCK_D,
-        )
-        grad, cos = _grad_logit_tile(
-            dots, inv_a, inv_c, lse, row_scale, label, offs_m, row_ok, col_ok, inv_temp
-        )
-        t += tl.sum(grad * cos, axis=0)
-        grad_t = tl.trans(grad * inv_a[:, None])
-        for d0 in range(0, dim, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < dim
-            a = tl.load(
-                a_ptr + offs_b[:, None] * stride_a + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            ptrs = acc_ptr + offs_m[:, None] * stride_acc + offs_d[None, :]
-            mask = col_ok[:, None] & d_ok[None, :]
-            acc = tl.load(ptrs, mask=mask, other=0.0)
-            tl.store(ptrs, tl.dot(grad_t, a, acc, input_precision="ieee"), mask=mask)
-    tl.store(t_ptr + offs_m, t, mask=col_ok)
-
-
-@triton.jit
-def _normalise_grad_kernel(
-    acc_ptr,
-    x_ptr,
-    norm_ptr,
-    t_ptr,
-    out_ptr,
-    rows,
-    dim,
-    stride_acc,
-    stride_x,
-    stride_out,
-    eps,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # out = acc/n − [‖x‖ ≥ eps]·t·x/n², n = max(‖x‖, eps): the chain rule through x/max(‖x‖, eps).
+def _scaled_matmul_kernel(g_ptr, s_ptr, x_ptr, out_ptr, rows, inner, dim, stride_gr, stride_gk,
+                          stride_x, stride_out, ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # out[r, d] (+)= Σ_k g[r, k]·s[k]·x[k, d]; program (row tile, D tile) keeps its tile in
+    # registers over k and writes it once.
     offs_r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    offs_d = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    r_ok = offs_r < rows
+    d_ok = offs_d < dim
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, inner, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = offs_k < inner
+        g = tl.load(g_ptr + offs_r[:, None] * stride_gr + offs_k[None, :] * stride_gk,
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        s = tl.load(s_ptr + offs_k, mask=k_ok, other=0.0)
+        x = tl.load(x_ptr + offs_k[:, None] * stride_x + offs_d[None, :],
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(g * s[None, :], x, acc, input_precision=PRECISION)
+    ptrs = out_ptr + offs_r[:, None] * stride_out + offs_d[None, :]
+    mask = r_ok[:, None] & d_ok[None, :]
+    if ACCUMULATE:
+        # Each element is read here once, before this program stores it: no load after a store.
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _normalise_grad_kernel(acc_ptr, x_ptr, inv_ptr, coef_ptr, out_ptr, rows, dim, stride_acc,
+                           stride_x, stride_out, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # out = acc·inv + x·coef per row (coef = −[‖x‖ ≥ eps]·t/n², n = max(‖x‖, eps)): the chain
+    # rule through x/max(‖x‖, eps). Elementwise; each element loaded and stored by one thread.
+    offs_r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    offs_d = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
     row_ok = offs_r < rows
-    raw = tl.load(norm_ptr + offs_r, mask=row_ok, other=1.0)
-    inv = 1.0 / tl.maximum(raw, eps)
-    t = tl.load(t_ptr + offs_r, mask=row_ok, other=0.0)
-    coef = tl.where(raw >= eps, -t * inv * inv, 0.0)
-    for d0 in range(0, dim, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (offs_d[None, :] < dim)
-        acc = tl.load(
-            acc_ptr + offs_r[:, None] * stride_acc + offs_d[None, :], mask=mask, other=0.0
-        )
-        x = tl.load(x_ptr + offs_r[:, None] * stride_x + offs_d[None, :], mask=mask, other=0.0).to(
-            tl.float32
-        )
-        tl.store(
-            out_ptr + offs_r[:, None] * stride_out + offs_d[None, :],
-            acc * inv[:, None] + x * coef[:, None],
-            mask=mask,
-        )
+    mask = row_ok[:, None] & (offs_d[None, :] < dim)
+    inv = tl.load(inv_ptr + offs_r, mask=row_ok, other=0.0)
+    coef = tl.load(coef_ptr + offs_r, mask=row_ok, other=0.0)
+    acc = tl.load(acc_ptr + offs_r[:, None] * stride_acc + offs_d[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + offs_r[:, None] * stride_x + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + offs_r[:, None] * stride_out + offs_d[None, :],
+             acc * inv[:, None] + x.to(tl.float32) * coef[:, None], mask=mask)
 
 
+@dataclass(frozen=True)
+class Tiles:
+    """User overrides of the anchor/candidate tile and the D step (None = planned)."""
 
-def _row_norms(x: torch.Tensor, block_d: int) -> torch.Tensor:
-    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    if x.shape[0]:
-        _row_norm_kernel[(triton.cdiv(x.shape[0], _NORM_BLOCK_R),)](
-            x, out, x.shape[0], x.shape[1], x.stride(0), BLOCK_R=_NORM_BLOCK_R, BLOCK_D=block_d
-        )
-    return out
+    block_b: int | None = None
+    block_m: int | None = None
+    block_d: int | None = None
 
 
-def _normalised_grad(acc, x, norm, t, eps: float, block_d: int) -> torch.Tensor:
-    """Finish a gradient: in place when x is fp32 (acc is the output), else into a new tensor."""
+def _warps(tile_rows: int, tile_cols: int, dtype: torch.dtype) -> int:
+    """8 warps for a 64 × 64 fp32 tile: its IEEE-fp32 dot keeps both operand tiles in registers
+    and spills at 4 warps (255 registers on sm_80, measured by the compile check); else 4."""
+    return 8 if dtype == torch.float32 and tile_rows * tile_cols >= 64 * 64 else 4
+
+
+def _precision(dtype: torch.dtype) -> tuple[str, str]:
+    """``(dot tiles, gradient GEMMs)`` input precision for an operand dtype (module docstring)."""
+    return ("ieee", "ieee") if dtype == torch.float32 else ("ieee", "tf32")
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How one candidate block is processed; every launch is planned from the shapes alone.
+
+    Attributes:
+        d_chunk: D elements per slice of the split-D forward (D in the fused mode).
+        forward: The forward launch (:func:`_dot_partial_kernel` or :func:`_infonce_fwd_kernel`).
+        tiles_per_slice: Candidate tiles per program of the fused forward.
+        panel_rows: Anchor rows per backward panel of the fused mode (G is [panel_rows, M_k]).
+    """
+
+    rows: int
+    cands: int
+    dim: int
+    dtype: torch.dtype
+    target: int
+    d_chunk: int
+    forward: Launch
+    tiles_per_slice: int
+    panel_rows: int
+
+    @property
+    def fused(self) -> bool:
+        """True for the fused forward; False for split-D (possibly 1 slice when D is short)."""
+        return self.forward.kernel is _infonce_fwd_kernel
+
+    def grad_logits(self, rows: int) -> Launch:
+        """:func:`_grad_logits_kernel` over a panel of ``rows`` anchors (fused mode)."""
+        tb, tm = self.forward.constexprs["BLOCK_B"], self.forward.constexprs["BLOCK_M"]
+        return Launch(_grad_logits_kernel, (cdiv(self.cands, tm), cdiv(rows, tb)),
+                      dict(self.forward.constexprs), self.forward.types, self.forward.num_warps)
+
+    def gemm(self, rows: int, inner: int, accumulate: bool) -> Launch:
+        """:func:`_scaled_matmul_kernel` writing ``[rows, D]`` from an inner dimension ``inner``."""
+        tile_r, tile_d = grid_tiles(rows, self.dim, self.target)
+        return Launch(_scaled_matmul_kernel, (cdiv(rows, tile_r), cdiv(self.dim, tile_d)),
+                      {"ACCUMULATE": accumulate, "BLOCK_R": tile_r, "BLOCK_K": _K_STEP,
+                       "BLOCK_D": tile_d, "PRECISION": _precision(self.dtype)[1]},
+                      {"x_ptr": pointer(self.dtype)}, _warps(tile_r, tile_d, self.dtype))
+
+
+def plan_block(rows: int, cands: int, dim: int, dtype: torch.dtype, target: int,
+               tiles: Tiles = Tiles(), workspace_bytes: int = _WORKSPACE_BYTES) -> BlockPlan:
+    """Plan the launches for ``rows`` anchors against one block of ``cands`` candidates.
+
+    Tiles are the largest (≤ 64 × 64) whose grid has ``target`` programs (:func:`grid_tiles`). If
+    all anchor × candidate tiles together are fewer than ``target``, D is split as well (split-D
+    mode) until the grid reaches ``target``; otherwise each program of the fused forward takes a
+    slice of candidate tiles, with as many slices as reach ``target``.
+    """
+    tile_b, tile_m = grid_tiles(rows, cands, target, _MAX_TILE, _MAX_TILE)
+    tile_b, tile_m = tiles.block_b or tile_b, tiles.block_m or tile_m
+    # fp32: 16-wide steps keep the IEEE dot's operand tiles small (32 spilled on sm_80 in G).
+    block_d = tiles.block_d or (16 if dtype == torch.float32 else _K_STEP)
+    const = {"BLOCK_B": tile_b, "BLOCK_M": tile_m, "BLOCK_D": block_d,
+             "PRECISION": _precision(dtype)[0]}
+    b_tiles, m_tiles = cdiv(rows, tile_b), cdiv(cands, tile_m)
+    types = {"a_ptr": pointer(dtype), "c_ptr": pointer(dtype), "label_ptr": pointer(torch.int64),
+             "inv_temp": "fp32"}
+    warps = _warps(tile_b, tile_m, dtype)
+    if b_tiles * m_tiles < target:
+        # Slices of whole D steps, rounded down so that the slices reach the target.
+        wanted = cdiv(target, b_tiles * m_tiles)
+        d_chunk = max(block_d, dim // wanted // block_d * block_d)
+        forward = Launch(_dot_partial_kernel, (b_tiles, m_tiles, cdiv(dim, d_chunk)), const, types,
+                         warps)
+        return BlockPlan(rows, cands, dim, dtype, target, d_chunk, forward, 1, rows)
+    # Whole candidate tiles per slice, rounded down so that the slices reach the target.
+    per_slice = max(1, m_tiles // cdiv(target, b_tiles))
+    forward = Launch(_infonce_fwd_kernel, (b_tiles, cdiv(m_tiles, per_slice)), const, types,
+                     warps)
+    panel = max(tile_b, workspace_bytes // (4 * max(cands, 1)) // tile_b * tile_b)
+    return BlockPlan(rows, cands, dim, dtype, target, dim, forward, per_slice, min(rows, panel))
+
+
+def _row_launches(rows: int, dim: int, dtype: torch.dtype,
+                  target: int) -> tuple[Launch, int, Launch]:
+    """``(squares, d_chunk, normalise)``: :func:`_row_sq_kernel` over D slices of ``d_chunk``
+    elements and :func:`_normalise_grad_kernel`, for a ``[rows, D]`` input.
+
+    The squares' grid is (row tiles, D slices): the largest row tile (≤ 16) whose grid, with D
+    cut into slices of whole 64-element steps, reaches ``target`` programs.
+    """
+    block_d = 64
+    for block_r in (16, 8, 4, 2, 1):
+        row_tiles = cdiv(rows, block_r)
+        wanted = cdiv(target, row_tiles)
+        d_chunk = max(block_d, dim // wanted // block_d * block_d)
+        if row_tiles * cdiv(dim, d_chunk) >= target:
+            break
+    squares = Launch(_row_sq_kernel, (row_tiles, cdiv(dim, d_chunk)),
+                     {"BLOCK_R": block_r, "BLOCK_D": block_d}, {"x_ptr": pointer(dtype)})
+    tile_r, tile_d = grid_tiles(rows, dim, target, _ROW_TILE, 128)
+    normalise = Launch(_normalise_grad_kernel, (cdiv(rows, tile_r), cdiv(dim, tile_d)),
+                       {"BLOCK_R": tile_r, "BLOCK_D": tile_d},
+                       {"x_ptr": pointer(dtype), "out_ptr": pointer(dtype)})
+    return squares, d_chunk, normalise
+
+
+def _norms(x: torch.Tensor, target: int) -> torch.Tensor:
+    """Row norms ‖xᵢ‖ in fp32. Shape: ``[R, D] -> [R]``."""
+    squares, d_chunk, _ = _row_launches(x.shape[0], x.shape[1], x.dtype, target)
+    out = torch.zeros((squares.grid[1], x.shape[0]), dtype=torch.float32, device=x.device)
+    squares(x, out, x.shape[0], x.shape[1], d_chunk, x.stride(0))
+    return out.sum(0).sqrt()
+
+
+def _inverse(norm: torch.Tensor, eps: float) -> torch.Tensor:
+    return 1.0 / norm.clamp_min(eps)
+
+
+def _finish(acc: torch.Tensor, x: torch.Tensor, norm: torch.Tensor, t: torch.Tensor, eps: float,
+            target: int) -> torch.Tensor:
+    """Chain rule through x/max(‖x‖, eps): in place when x is fp32 (acc is the output)."""
+    inv = _inverse(norm, eps)
+    coef = torch.where(norm >= eps, -t * inv * inv, torch.zeros_like(t))
     out = acc if x.dtype == torch.float32 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if x.shape[0]:
-        _normalise_grad_kernel[(triton.cdiv(x.shape[0], _NORM_BLOCK_R),)](
-            acc,
-            x,
-            norm,
-            t,
-            out,
-            x.shape[0],
-            x.shape[1],
-            acc.stride(0),
-            x.stride(0),
-            out.stride(0),
-            eps,
-            BLOCK_R=_NORM_BLOCK_R,
-            BLOCK_D=block_d,
-        )
+    _, _, normalise = _row_launches(x.shape[0], x.shape[1], x.dtype, target)
+    normalise(acc, x, inv, coef, out, x.shape[0], x.shape[1], acc.stride(0), x.stride(0),
+              out.stride(0))
     return out
+
+
+def _forward_block(plan: BlockPlan, a, c, inv_a, inv_c, labels, offset: int, inv_temp: float):
+    """``(lse [B], pos [B], dots [B, M_k] or None)`` of one candidate block; dots are kept only
+    in split-D mode (small by construction), for the backward."""
+    rows, cands, dim = plan.rows, plan.cands, plan.dim
+    f = plan.forward
+    if rows == 0 or cands == 0:
+        return torch.full((rows,), float("-inf"), device=a.device), inv_a.new_zeros(rows), None
+    if not plan.fused:
+        partial = torch.empty((f.grid[2], rows, cands), dtype=torch.float32, device=a.device)
+        f(a, c, partial, rows, cands, dim, plan.d_chunk, a.stride(0), c.stride(0))
+        dots = partial.sum(0)
+        logits = dots * inv_a[:, None] * inv_c[None, :] * inv_temp
+        local = labels - offset
+        hit = (local >= 0) & (local < cands)
+        pos = torch.where(hit, logits.gather(1, local.clamp(0, cands - 1)[:, None])[:, 0], 0.0)
+        return torch.logsumexp(logits, dim=1), pos, dots
+    slices = f.grid[1]
+    maxes, sums, pos = (torch.empty((slices, rows), dtype=torch.float32, device=a.device)
+                        for _ in range(3))
+    f(a, c, inv_a, inv_c, labels, maxes, sums, pos, rows, cands, dim, offset,
+      plan.tiles_per_slice, a.stride(0), c.stride(0), inv_temp)
+    # Merge the slices: log Σₛ sumₛ·exp(maxₛ) (every slice has ≥ 1 candidate: sumₛ ≥ 1).
+    return torch.logsumexp(maxes + sums.log(), dim=0), pos.sum(0), None
+
+
+def _grad_block(plan: BlockPlan, a, c, inv_a, inv_c, labels, offset: int, lse, row_scale,
+                dots, inv_temp: float, acc_a, t_a):
+    """Add this block's share to ``acc_a``/``t_a`` (anchors); return ``(acc_c, t_c)``."""
+    rows, cands, dim = plan.rows, plan.cands, plan.dim
+    acc_c = torch.zeros((cands, dim), dtype=torch.float32, device=c.device)
+    t_c = torch.zeros(cands, dtype=torch.float32, device=c.device)
+    panels = [(0, rows)] if dots is not None else [
+        (lo, min(lo + plan.panel_rows, rows)) for lo in range(0, rows, plan.panel_rows)]
+    for index, (lo, hi) in enumerate(panels):
+        n = hi - lo
+        if dots is not None:
+            cos = dots * inv_a[:, None] * inv_c[None, :]
+            prob = torch.exp(cos * inv_temp - lse[:, None])
+            local = labels - offset
+            onehot = torch.zeros_like(prob)
+            hit = (local >= 0) & (local < cands)
+            onehot[hit.nonzero()[:, 0], local[hit]] = 1.0
+            grad = (prob - onehot) * row_scale[:, None]
+            t_a += (grad * cos).sum(1)
+            t_c += (grad * cos).sum(0)
+        else:
+            launch = plan.grad_logits(n)
+            grad = torch.empty((n, cands), dtype=torch.float32, device=a.device)
+            part_a = torch.empty((launch.grid[0], n), dtype=torch.float32, device=a.device)
+            part_c = torch.empty((launch.grid[1], cands), dtype=torch.float32, device=a.device)
+            launch(a[lo:hi], c, inv_a[lo:hi], inv_c, labels[lo:hi], lse[lo:hi], row_scale[lo:hi],
+                   grad, part_a, part_c, n, cands, dim, offset, a.stride(0), c.stride(0),
+                   inv_temp)
+            t_a[lo:hi] += part_a.sum(0)
+            t_c += part_c.sum(0)
+        # acc_a[panel] += G·diag(1/‖c‖)·C ;  acc_c += Gᵀ·diag(1/‖a‖)·A[panel]
+        out_a = acc_a[lo:hi]
+        plan.gemm(n, cands, accumulate=True)(
+            grad, inv_c, c, out_a, n, cands, dim, grad.stride(0), grad.stride(1), c.stride(0),
+            out_a.stride(0))
+        plan.gemm(cands, n, accumulate=index > 0)(
+            grad, inv_a[lo:hi], a[lo:hi], acc_c, cands, n, dim, grad.stride(1), grad.stride(0),
+            a.stride(0), acc_c.stride(0))
+    return acc_c, t_c
+
+
+def plan_launches(rows: int, blocks: list[int], dim: int, dtype: torch.dtype,
+                  target: int) -> dict[str, Launch]:
+    """Every launch one call makes for ``rows`` anchors against candidate blocks of the given
+    sizes, by role (``"block0/forward"``, ``"anchors/norms"``, …), first backward panel only; what
+    ``benchmarks/kernel_resources.py`` compiles and the tests' program counts check."""
+    squares, _, normalise = _row_launches(rows, dim, dtype, target)
+    launches = {"anchors/norms": squares, "anchors/normalise": normalise}
+    for index, cands in enumerate(blocks):
+        plan = plan_block(rows, cands, dim, dtype, target)
+        squares, _, normalise = _row_launches(cands, dim, dtype, target)
+        name = f"block{index}"
+        launches.update({f"{name}/norms": squares, f"{name}/normalise": normalise,
+                         f"{name}/forward": plan.forward})
+        panel = plan.panel_rows
+        if plan.fused:
+            launches[f"{name}/grad_logits"] = plan.grad_logits(panel)
+        launches[f"{name}/grad_anchors"] = plan.gemm(panel, cands, accumulate=True)
+        launches[f"{name}/grad_candidates"] = plan.gemm(cands, panel, accumulate=False)
+    return launches
 
 
 class InfoNCETritonFunction(torch.autograd.Function):
     """Triton twin of :class:`pcc_dist.losses.reference.InfoNCEFunction` (same inputs and output).
 
-    Inputs: ``(anchors [B, D], labels [B], temperature, eps, blocks (BLOCK_B, BLOCK_M, BLOCK_D),
-    *candidate_blocks)``; output: per-anchor losses ``[B]`` in fp32.
+    Inputs: ``(anchors [B, D], labels [B], temperature, eps, options, *candidate_blocks)`` with
+    ``options = (tiles, target programs, workspace bytes)``; output: per-anchor losses ``[B]``
+    in fp32.
     """
 
     @staticmethod
-    def forward(ctx, anchors, labels, temperature: float, eps: float, tiles, *blocks):
-        block_b, block_m, block_d = tiles
+    def forward(ctx, anchors, labels, temperature: float, eps: float, options, *blocks):
+        tiles, target, workspace = options
         anchors = row_major(anchors)
         blocks = tuple(row_major(c) for c in blocks)
         labels = labels.contiguous()
         rows, dim = anchors.shape
         inv_temp = 1.0 / temperature
-        norm_a = _row_norms(anchors, block_d)
-        norms = [_row_norms(c, block_d) for c in blocks]
-        lse_parts, pos = [], torch.zeros(rows, dtype=torch.float32, device=anchors.device)
+        norm_a = _norms(anchors, target)
+        norms = [_norms(c, target) for c in blocks]
+        inv_a = _inverse(norm_a, eps)
+        plans, lse_parts, saved_dots = [], [], []
+        pos = torch.zeros(rows, dtype=torch.float32, device=anchors.device)
         offset = 0
         for c, norm_c in zip(blocks, norms, strict=True):
-            lse_k = torch.full((rows,), float("-inf"), dtype=torch.float32, device=anchors.device)
-            pos_k = torch.zeros_like(lse_k)
-            if rows and c.shape[0]:
-                _infonce_fwd_kernel[(triton.cdiv(rows, block_b),)](
-                    anchors,
-                    c,
-                    norm_a,
-                    norm_c,
-                    labels,
-                    lse_k,
-                    pos_k,
-                    rows,
-                    c.shape[0],
-                    dim,
-                    offset,
-                    anchors.stride(0),
-                    c.stride(0),
-                    inv_temp,
-                    eps,
-                    BLOCK_B=block_b,
-                    BLOCK_M=block_m,
-                    BLOCK_D=block_d,
-                )
+            plan = plan_block(rows, c.shape[0], dim, anchors.dtype, target, tiles, workspace)
+            lse_k, pos_k, dots = _forward_block(plan, anchors, c, inv_a, _inverse(norm_c, eps),
+                                                labels, offset, inv_temp)
+            plans.append(plan)
             lse_parts.append(lse_k)
+            saved_dots.append(dots)
             pos += pos_k
             offset += c.shape[0]
-        # Combining the blocks' log-sum-exps is O(B) on the host side of the kernels.
         lse = torch.logsumexp(torch.stack(lse_parts), dim=0)
         ctx.save_for_backward(anchors, labels, lse, norm_a, *norms, *blocks)
-        ctx.n_blocks, ctx.inv_temp, ctx.eps, ctx.tiles = len(blocks), inv_temp, eps, tiles
+        ctx.plans, ctx.dots, ctx.inv_temp, ctx.eps, ctx.target = (
+            plans, saved_dots, inv_temp, eps, target)
         return lse - pos
 
     @staticmethod
     def backward(ctx, grad_losses):
         anchors, labels, lse, norm_a, *rest = ctx.saved_tensors
-        norms, blocks = rest[: ctx.n_blocks], rest[ctx.n_blocks :]
-        block_b, block_m, block_d = ctx.tiles
+        n_blocks = len(ctx.plans)
+        norms, blocks = rest[:n_blocks], rest[n_blocks:]
         rows, dim = anchors.shape
         row_scale = (grad_losses.float() * ctx.inv_temp).contiguous()
+        inv_a = _inverse(norm_a, ctx.eps)
         acc_a = torch.zeros((rows, dim), dtype=torch.float32, device=anchors.device)
         t_a = torch.zeros(rows, dtype=torch.float32, device=anchors.device)
         grads_c, offset = [], 0
-        for c, norm_c in zip(blocks, norms, strict=True):
-            args = (anchors, c, norm_a, norm_c, labels, lse, row_scale)
-            scalars = (rows, c.shape[0], dim, offset)
-            acc_c = torch.zeros((c.shape[0], dim), dtype=torch.float32, device=c.device)
-            t_c = torch.zeros(c.shape[0], dtype=torch.float32, device=c.device)
+        for plan, c, norm_c, dots in zip(ctx.plans, blocks, norms, ctx.dots, strict=True):
             if rows and c.shape[0]:
-                _infonce_bwd_anchor_kernel[(triton.cdiv(rows, block_b),)](
-                    *args,
-                    acc_a,
-                    t_a,
-                    *scalars,
-                    anchors.stride(0),
-                    c.stride(0),
-                    acc_a.stride(0),
-                    ctx.inv_temp,
-                    ctx.eps,
-                    BLOCK_B=block_b,
-                    BLOCK_M=block_m,
-                    BLOCK_D=block_d,
-                )
-                _infonce_bwd_candidate_kernel[(triton.cdiv(c.shape[0], block_m),)](
-                    *args,
-                    acc_c,
-                    t_c,
-                    *scalars,
-                    anchors.stride(0),
-                    c.stride(0),
-                    acc_c.stride(0),
-                    ctx.inv_temp,
-                    ctx.eps,
-                    BLOCK_B=block_b,
-                    BLOCK_M=block_m,
-                    BLOCK_D=block_d,
-                )
-            grads_c.append(_normalised_grad(acc_c, c, norm_c, t_c, ctx.eps, block_d))
+                acc_c, t_c = _grad_block(plan, anchors, c, inv_a, _inverse(norm_c, ctx.eps),
+                                         labels, offset, lse, row_scale, dots, ctx.inv_temp,
+                                         acc_a, t_a)
+            else:
+                acc_c = torch.zeros((c.shape[0], dim), dtype=torch.float32, device=c.device)
+                t_c = torch.zeros(c.shape[0], dtype=torch.float32, device=c.device)
+            grads_c.append(_finish(acc_c, c, norm_c, t_c, ctx.eps, ctx.target))
             offset += c.shape[0]
-        grad_a = _normalised_grad(acc_a, anchors, norm_a, t_a, ctx.eps, block_d)
+        grad_a = _finish(acc_a, anchors, norm_a, t_a, ctx.eps, ctx.target)
         return (grad_a, None, None, None, None, *grads_c)
-
-
-def _tiles(block_b: int | None, block_m: int | None, block_d: int | None) -> tuple[int, int, int]:
-    tiles = tuple(v or d for v, d in zip((block_b, block_m, block_d), _DEFAULT_BLOCKS, strict=True))
-    for name, value in zip(("block_b", "block_m", "block_d"), tiles, strict=True):
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two ≥ 16 (tl.dot tile edge), got {value}")
-    return tiles
 
 
 def infonce_triton(
@@ -491,6 +534,8 @@ def infonce_triton(
     block_b: int | None = None,
     block_m: int | None = None,
     block_d: int | None = None,
+    target: int | None = None,
+    workspace_bytes: int = _WORKSPACE_BYTES,
 ) -> torch.Tensor:
     """Supervised-SimCSE InfoNCE over the global batch with the fused Triton kernels.
 
@@ -505,9 +550,11 @@ def infonce_triton(
         group: Process group; default group when None.
         grad_scale: Factor on input gradients; None = W.
         eps: Norm clamp of the cosine.
-        block_b: Anchors per tile (power of two ≥ 16).
-        block_m: Candidates per tile (power of two ≥ 16).
-        block_d: Embedding dims per inner step (power of two ≥ 16).
+        block_b: Anchors per tile (power of two ≥ 16); None = planned (:func:`plan_block`).
+        block_m: Candidates per tile (power of two ≥ 16); None = planned.
+        block_d: Embedding dims per ``tl.dot`` step (power of two ≥ 16); None = 32.
+        target: Programs each launch should reach; None = 2 × the GPU's SMs (an H100's off CUDA).
+        workspace_bytes: Bound on the fp32 gradient panel ``[rows, M_k]`` of the backward.
 
     Returns:
         Scalar loss, identical on every rank.
@@ -523,7 +570,10 @@ def infonce_triton(
     References:
         SimCSE (EMNLP 2021); GradCache (arXiv:2101.06983).
     """
-    tiles = _tiles(block_b, block_m, block_d)
+    tiles = Tiles(block_b, block_m, block_d)
+    for name, value in vars(tiles).items():
+        if value is not None:
+            check_tile(name, value)
     inputs = [anchors, positives] + ([hard_negatives] if hard_negatives is not None else [])
     if any(t.dtype == torch.float64 for t in inputs):
         raise ValueError(
@@ -532,7 +582,8 @@ def infonce_triton(
     check_triton_device(anchors)
 
     def core(a: torch.Tensor, labels: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
-        return InfoNCETritonFunction.apply(a, labels, temperature, eps, tiles, *blocks)
+        options = (tiles, target or target_programs(a.device), workspace_bytes)
+        return InfoNCETritonFunction.apply(a, labels, temperature, eps, options, *blocks)
 
     return global_infonce(
         anchors,

@@ -1,7 +1,10 @@
 """Fused Triton InfoNCE kernels against the torch reference (fp32, rel 1e-5), forward and backward.
 
 On CPU the kernels run in Triton's interpreter (tests/kernels/conftest.py). Tiles are 16 (the
-smallest ``tl.dot`` edge) so that tiny shapes still span several tiles in every dimension.
+smallest ``tl.dot`` edge) so that tiny shapes still span several tiles in every dimension. Every
+comparison runs in each of the planner's modes (``MODES``): split-D (the default for tiny shapes),
+fused with one candidate slice per program, fused with several slices merged by log-sum-exp, and
+fused with the backward cut into anchor panels.
 """
 
 from __future__ import annotations
@@ -11,11 +14,36 @@ import logging
 import pytest
 import torch
 
-from pcc_dist.kernels.infonce import infonce_triton
+from pcc_dist.kernels.infonce import Tiles, infonce_triton, plan_block
 from pcc_dist.losses import InfoNCELoss, infonce_reference
 
 RTOL = 1e-5
 SMALL = {"block_b": 16, "block_m": 16, "block_d": 16}
+MODES = {
+    "split_d": {},
+    "fused": {"target": 1},
+    "fused_slices": {"target": 4},
+    "fused_panels": {"target": 1, "workspace_bytes": 1},
+}
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request):
+    return MODES[request.param]
+
+
+def test_modes_are_what_their_names_say():
+    """The planner really takes each path that MODES names, on the shapes the tests use."""
+    tiles = Tiles(16, 16, 16)
+    split = plan_block(20, 20, 70, torch.float32, 264, tiles)
+    assert not split.fused and split.forward.grid == (2, 2, 5) and split.d_chunk == 16
+    fused = plan_block(20, 20, 70, torch.float32, 1, tiles)  # one slice of 2 candidate tiles
+    assert fused.fused and fused.forward.grid == (2, 1) and fused.tiles_per_slice == 2
+    assert fused.panel_rows == 20
+    sliced = plan_block(20, 20, 70, torch.float32, 4, tiles)  # 2 slices merged on the host
+    assert sliced.fused and sliced.forward.grid == (2, 2) and sliced.tiles_per_slice == 1
+    panels = plan_block(20, 20, 70, torch.float32, 1, tiles, workspace_bytes=1)
+    assert panels.fused and panels.panel_rows == 16
 
 
 def _inputs(rows, dim, negatives=True, seed=0):
@@ -36,8 +64,9 @@ def _close(got, want):
     )
 
 
-def _compare(tensors, grad_out=1.0, temperature=0.05, tiles=SMALL):
-    loss, grads = _run(infonce_triton, tensors, grad_out, temperature=temperature, **tiles)
+def _compare(tensors, grad_out=1.0, temperature=0.05, tiles=SMALL, mode=None):
+    loss, grads = _run(infonce_triton, tensors, grad_out, temperature=temperature, **tiles,
+                       **(mode or {}))
     ref, ref_grads = _run(
         infonce_reference, tensors, grad_out, temperature=temperature, chunk_size=4
     )
@@ -58,14 +87,15 @@ def _compare(tensors, grad_out=1.0, temperature=0.05, tiles=SMALL):
     ],
 )
 @pytest.mark.parametrize("grad_out", [1.0, 0.37])
-def test_matches_reference(rows, dim, negatives, grad_out):
-    ref, ref_grads = _compare(_inputs(rows, dim, negatives, seed=rows * 100 + dim), grad_out)
+def test_matches_reference(rows, dim, negatives, grad_out, mode):
+    ref, ref_grads = _compare(_inputs(rows, dim, negatives, seed=rows * 100 + dim), grad_out,
+                              mode=mode)
     assert ref.item() > 1e-5 and max(g.abs().max() for g in ref_grads) > 1e-5  # not comparing zeros
 
 
 @pytest.mark.parametrize("temperature", [0.5, 0.01])
-def test_temperatures(temperature):
-    _compare(_inputs(6, 24, seed=1), temperature=temperature)
+def test_temperatures(temperature, mode):
+    _compare(_inputs(6, 24, seed=1), temperature=temperature, mode=mode)
 
 
 def test_sharp_temperature_is_finite_and_close():
@@ -102,13 +132,13 @@ def test_single_candidate_gives_zero_loss_and_gradient():
     assert all(g.abs().max() < 1e-6 for g in grads)
 
 
-def test_zero_norm_rows():
+def test_zero_norm_rows(mode):
     tensors = _inputs(5, 18, seed=5)
     with torch.no_grad():
         tensors[0][2] = 0.0  # anchor
         tensors[1][4] = 0.0  # positive
         tensors[2][0] = 0.0  # hard negative
-    _compare(tensors)
+    _compare(tensors, mode=mode)
 
 
 def test_identical_candidates():
@@ -125,10 +155,10 @@ def test_identical_candidates():
         _close(got, want)
 
 
-def test_strided_rows():
+def test_strided_rows(mode):
     gen = torch.Generator().manual_seed(7)
     tensors = [torch.randn(6, 48, generator=gen)[:, :29].requires_grad_() for _ in range(3)]
-    _compare(tensors)
+    _compare(tensors, mode=mode)
 
 
 def test_rejects_float64_and_bad_tiles():
@@ -150,13 +180,14 @@ def test_module_dispatches_to_triton(caplog):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_cuda_matches_reference(dtype):
+@pytest.mark.parametrize("target", [None, 1], ids=["planned", "fused"])
+def test_compiled_cuda_matches_reference(dtype, target):
     # Needs a compiled (non-interpreted) run: PCC_TRITON_COMPILED=1 on a CUDA machine.
     gen = torch.Generator().manual_seed(9)
     tensors = [
         torch.randn(300, 257, generator=gen).to("cuda", dtype).requires_grad_() for _ in range(3)
     ]
-    loss, grads = _run(infonce_triton, tensors, 0.5)
+    loss, grads = _run(infonce_triton, tensors, 0.5, target=target)
     ref, ref_grads = _run(infonce_reference, tensors, 0.5, chunk_size=64)
     tol = RTOL if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(loss, ref, rtol=tol, atol=tol)
