@@ -85,6 +85,8 @@ SCRIPTS: tuple[Script, ...] = (
     Script("scaling", args=("--rank-steps", "3"), quick_args=("--quick", "--out", "scaling_quick"),
            quick_result="scaling_quick", timeout=2100,
            plots=("_losses", "_gradcache", "_ranks")),
+    # Compiles every kernel launch for sm_80/sm_90 (no GPU): about a minute on a fresh cache.
+    Script("kernel_resources", args=(), quick_args=("--quick",), timeout=900),
     # One shared lr (the demo's 5e-5) instead of the script's 3-point grid: four MiniLM trainings
     # and four STS7 evaluations, ~20 min on a quiet machine. The README's table is the grid run
     # (`python benchmarks/peer_quality.py`, 12 trainings, peer_quality.json).
@@ -225,6 +227,18 @@ def _peer_quality(doc: dict) -> list[Row]:
     return rows
 
 
+def _kernel_resources(doc: dict) -> list[Row]:
+    rows = [_row("kernel_resources", "compiled launches with spills or over shared memory",
+                 sum(bool(r["problems"]) for r in doc["rows"]),
+                 f"{len(doc['rows'])} launches, sm_80 + sm_90, no GPU; "
+                 f"failures: {len(doc['failures'])}")]
+    for name, entry in doc.get("roofline_h100_computed", {}).items():
+        rows.append(_row("kernel_resources", f"InfoNCE {name}: computed H100 roofline, "
+                         "torch / Triton time", entry["predicted_speedup"],
+                         f"computed, not measured: {entry['triton_us']} vs {entry['torch_us']} µs"))
+    return rows
+
+
 EXTRACTORS: dict[str, Callable[[dict], list[Row]]] = {
     "eval_speed": _eval_speed,
     "losses": _losses,
@@ -233,6 +247,7 @@ EXTRACTORS: dict[str, Callable[[dict], list[Row]]] = {
     "comm_bytes": _comm_bytes,
     "scaling": _scaling,
     "peer_quality": _peer_quality,
+    "kernel_resources": _kernel_resources,
 }
 
 
