@@ -67,7 +67,7 @@ test-latest: $(STAMP)
 	$(UV) pip list --python $(LATEST)/bin/python --format freeze > $(LATEST)/resolved.txt
 	@echo "resolved versions: $(LATEST)/resolved.txt; differences from the lock:"
 	@diff <(grep -E '^[a-z0-9]' $(LOCK) | tr 'A-Z_' 'a-z-' | sort) \
-	  <(grep -Ev '^pcc-dist==' $(LATEST)/resolved.txt | tr 'A-Z_' 'a-z-' | sort) || true
+	  <(grep -Ev '^(pcc-dist|uv)==' $(LATEST)/resolved.txt | tr 'A-Z_' 'a-z-' | sort) || true
 	$(LATEST)/bin/python -m pytest -m "not slow" --timeout=900 -q
 
 demo: $(STAMP)

@@ -302,7 +302,8 @@ def plan_block(rows: int, cands: int, dim: int, dtype: torch.dtype, target: int,
     """
     tile_b, tile_m = grid_tiles(rows, cands, target, _MAX_TILE, _MAX_TILE)
     tile_b, tile_m = tiles.block_b or tile_b, tiles.block_m or tile_m
-    # fp32: 16-wide steps keep the IEEE dot's operand tiles small (32 spilled on sm_80 in G).
+    # fp32: 16-wide steps keep the IEEE dot's operand tiles small (at 32 the fp32 G kernel
+    # spilled 16 B per thread on sm_80).
     block_d = tiles.block_d or (16 if dtype == torch.float32 else _K_STEP)
     const = {"BLOCK_B": tile_b, "BLOCK_M": tile_m, "BLOCK_D": block_d,
              "PRECISION": _precision(dtype)[0]}
@@ -492,23 +493,27 @@ class InfoNCETritonFunction(torch.autograd.Function):
             pos += pos_k
             offset += c.shape[0]
         lse = torch.logsumexp(torch.stack(lse_parts), dim=0)
-        ctx.save_for_backward(anchors, labels, lse, norm_a, *norms, *blocks)
-        ctx.plans, ctx.dots, ctx.inv_temp, ctx.eps, ctx.target = (
-            plans, saved_dots, inv_temp, eps, target)
+        # Through save_for_backward, so saved-tensor hooks see everything; an empty tensor stands
+        # for "no dots kept" (fused mode).
+        kept = [d if d is not None else lse.new_empty(0) for d in saved_dots]
+        ctx.save_for_backward(anchors, labels, lse, norm_a, *norms, *blocks, *kept)
+        ctx.plans, ctx.inv_temp, ctx.eps, ctx.target = plans, inv_temp, eps, target
         return lse - pos
 
     @staticmethod
     def backward(ctx, grad_losses):
         anchors, labels, lse, norm_a, *rest = ctx.saved_tensors
         n_blocks = len(ctx.plans)
-        norms, blocks = rest[:n_blocks], rest[n_blocks:]
+        norms, blocks = rest[:n_blocks], rest[n_blocks:2 * n_blocks]
+        kept = [None if plan.fused else d for plan, d in zip(ctx.plans, rest[2 * n_blocks:],
+                                                               strict=True)]
         rows, dim = anchors.shape
         row_scale = (grad_losses.float() * ctx.inv_temp).contiguous()
         inv_a = _inverse(norm_a, ctx.eps)
         acc_a = torch.zeros((rows, dim), dtype=torch.float32, device=anchors.device)
         t_a = torch.zeros(rows, dtype=torch.float32, device=anchors.device)
         grads_c, offset = [], 0
-        for plan, c, norm_c, dots in zip(ctx.plans, blocks, norms, ctx.dots, strict=True):
+        for plan, c, norm_c, dots in zip(ctx.plans, blocks, norms, kept, strict=True):
             if rows and c.shape[0]:
                 acc_c, t_c = _grad_block(plan, anchors, c, inv_a, _inverse(norm_c, ctx.eps),
                                          labels, offset, lse, row_scale, dots, ctx.inv_temp,
