@@ -127,3 +127,37 @@ def test_check_lock_names_file_and_line_of_a_malformed_lock(tmp_path):
     proc = _check_lock(lock)
     assert proc.returncode == 2
     assert f"{lock}:2: expected `name==version`, got 'torch>=2'" in proc.stderr
+
+
+def _unmet(requirements: list[str]) -> list[str]:
+    """The requirements (core and ``dev``; the ``gpu`` extra is not in the CPU lock) that the
+    lock's pins do not satisfy."""
+    from packaging.requirements import Requirement
+
+    sys.path.insert(0, str(CHECK_LOCK.parent))
+    from check_lock import normalise, parse_pins
+
+    pins = parse_pins(LOCK.read_text().splitlines(), str(LOCK))
+    unmet = []
+    for text in requirements:
+        req = Requirement(text)
+        envs = [{"extra": extra} for extra in ("", "dev")]
+        if req.marker is not None and not any(req.marker.evaluate(env) for env in envs):
+            continue
+        version = pins.get(normalise(req.name))
+        if version is None or not req.specifier.contains(version, prereleases=True):
+            unmet.append(f"{req} (lock: {version})")
+    return unmet
+
+
+def test_lock_satisfies_every_requirement_of_setup_py():
+    """A range changed in setup.py without `make lock` is caught here, not on a stranger's day."""
+    from importlib.metadata import requires
+
+    unmet = _unmet(requires("pcc-dist"))
+    assert not unmet, f"requirements/lock.txt does not satisfy setup.py: {unmet}; run `make lock`"
+
+
+def test_negative_control_an_unsatisfied_range_is_reported():
+    unmet = _unmet(["torch>=3", "tqdm>=4.66,<5", 'flash-attn>=2.6; extra == "gpu"'])
+    assert len(unmet) == 1 and unmet[0].startswith("torch>=3 (lock: 2.")
