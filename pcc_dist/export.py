@@ -41,6 +41,14 @@ in-memory :class:`~pcc_dist.modeling.Embedder`, and write a new folder:
     the two agree on the tested tokenizers (SmolLM2's BPE, word-level) and could differ slightly
     where re-tokenisation merges differently.
 
+Targets. An export never writes into the folders it reads (the run folder, a LoRA run's base
+model folder), into a folder inside them or into one containing them, and never into a training
+run folder (``run.output_dir``, checkpoints and all). A non-empty target is refused unless
+``overwrite=True`` (``--overwrite``). Every export is written into a temporary sibling folder
+(``.<name>.tmp-…``) and renamed into place only when complete, so a failed export leaves no
+half-written target; with ``overwrite`` the old target is renamed away (``.<name>.old-…``) just
+before and deleted just after the new one moves in.
+
 The console script ``pcc-export`` calls :func:`export_main`.
 """
 
@@ -53,7 +61,9 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +76,17 @@ from pcc_dist.modeling import (
     RUN_CONFIG_NAME,
     Embedder,
     ModelError,
+    _base_source,
+    _load_adapter,
     _load_backbone,
+    _load_tokenizer,
     _Settings,
+    check_adapter_folder,
+    check_run_files,
+    is_training_run,
     load_embedder_from_run,
     read_run_config,
-    resolve_model_source,
+    resolve_training_run,
     save_embedder,
 )
 
@@ -94,35 +110,156 @@ class ExportError(ModelError):
 
 
 def _run_dir(source: str | os.PathLike | Embedder, tmp: Path) -> Path:
-    """A run folder for ``source``: the folder itself, or an in-memory Embedder saved to ``tmp``."""
+    """A run folder for ``source``: the folder itself (a training run folder's ``model/``), or an
+    in-memory Embedder saved to ``tmp``."""
     if isinstance(source, Embedder):
         return save_embedder(source, tmp / "run")
-    path = Path(source)
+    path = resolve_training_run(source)
     read_run_config(path)
     return path
+
+
+def _folders_read(run: Path, meta: dict[str, Any]) -> list[Path]:
+    """The folders an export of ``run`` reads: the run folder and a LoRA run's local base."""
+    base = (meta.get("base_model") or {}).get("name_or_path")
+    folders = [run]
+    if meta["mode"] != "full" and base and Path(base).is_dir():
+        folders.append(Path(base))
+    return folders
+
+
+def _check_target(out: Path, folders_read: Sequence[Path], overwrite: bool) -> None:
+    """Refuse a target whose writing would destroy files the user still needs.
+
+    Raises:
+        ExportError: ``out`` is, contains or lies inside a folder the export reads; it is a
+            training run folder; it is a file; or it is a non-empty folder without ``overwrite``.
+    """
+    target = out.resolve()
+    for folder in folders_read:
+        source = folder.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            where = (
+                "is"
+                if target == source
+                else ("is inside" if source in target.parents else "contains")
+            )
+            raise ExportError(
+                f"target {out} {where} the folder this export reads ({source}); writing there "
+                "would overwrite or delete the model being exported. Give a target folder "
+                "outside it."
+            )
+    if is_training_run(target):
+        raise ExportError(
+            f"target {out} is a training run folder (config.yaml, checkpoints, model/); an "
+            "export never replaces one, even with --overwrite. Give a new folder, e.g. "
+            f"{target.parent / (target.name + '-export')}."
+        )
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"target {out} exists and is not a folder; give a new folder path.")
+    if not overwrite and target.is_dir() and any(target.iterdir()):
+        raise ExportError(
+            f"target {out} is a folder that is not empty; give a new or empty folder, or pass "
+            "--overwrite (overwrite=True) to replace it (the old folder stays until the new "
+            "export is complete)."
+        )
+
+
+def _sibling(out: Path, tag: str) -> Path:
+    """A fresh hidden name next to ``out``: same file system, so renames are atomic."""
+    return out.parent / f".{out.name}.{tag}-{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write into, moved into place when the block succeeds.
+
+    On any failure the sibling is deleted and ``out`` is untouched.
+
+    Raises:
+        ExportError: the sibling cannot be created or written (disk full, permissions).
+    """
+    staging = _sibling(out, "tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise ExportError(
+            f"cannot create a folder next to {out} ({exc.strerror or exc}); check that its "
+            "parent folder is writable."
+        ) from exc
+    try:
+        yield staging
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(
+            f"writing the export for {out} failed ({exc.strerror or exc}); {out} is unchanged. "
+            "Free space (or fix permissions) and run the export again."
+        ) from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _move_into_place(staging, out)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished export to ``out``; an existing ``out`` is renamed away first.
+
+    Between the two renames ``out`` is briefly missing, but its old content is never deleted
+    before the new one is in place (a crash there leaves it as ``.<name>.old-…``).
+    """
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = _sibling(out, "old")
+    os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        logger.warning("could not delete the replaced export %s; remove it by hand", old)
+
+
+@contextmanager
+def _export(
+    source: str | os.PathLike | Embedder, out: Path, overwrite: bool
+) -> Iterator[tuple[Path, dict[str, Any], Path]]:
+    """Checked source and target: yields ``(run folder, its metadata, staging folder)``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _run_dir(source, Path(tmp))
+        meta = read_run_config(run)
+        _check_target(out, _folders_read(run, meta), overwrite)
+        with _staged(out) as staging:
+            yield run, meta, staging
 
 
 def _write_meta(out: Path, meta: dict[str, Any]) -> None:
     (out / RUN_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def export_adapter(source: str | os.PathLike | Embedder, out_dir: str | os.PathLike) -> Path:
+def export_adapter(
+    source: str | os.PathLike | Embedder, out_dir: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
     """Write the LoRA adapter alone (peft format) plus ``pcc_embedder.json``.
 
+    Args:
+        source: run folder, training run folder or Embedder.
+        out_dir: target folder (new or empty unless ``overwrite``).
+        overwrite: replace a non-empty ``out_dir`` once the export is complete.
+
     Raises:
-        ExportError: the run is a full fine-tune (it has no adapter).
+        ExportError: the run is a full fine-tune (it has no adapter), or the target is refused.
+        ModelError: the adapter files are missing or damaged.
     """
     out = Path(out_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = _run_dir(source, Path(tmp))
-        meta = read_run_config(run)
+    with _export(source, out, overwrite) as (run, meta, staging):
         if meta["mode"] == "full":
             raise ExportError(
                 f"{run}: mode='full' has no LoRA adapter to export; use --format merged or "
                 "--format sentence-transformers."
             )
-        shutil.copytree(run / ADAPTER_DIR, out, dirs_exist_ok=True)
-        _write_meta(out, meta)
+        check_adapter_folder(run / ADAPTER_DIR)
+        shutil.copytree(run / ADAPTER_DIR, staging, dirs_exist_ok=True)
+        _write_meta(staging, meta)
     logger.info("exported the %s adapter to %s", meta["mode"], out)
     return out
 
@@ -141,10 +278,7 @@ def _merged_backbone(
     if meta["mode"] == "full":
         return _load_backbone(str(run), None, settings, quantize=False, attn="sdpa")
 
-    import peft
-
-    base_meta = meta["base_model"]
-    source, gguf_file = resolve_model_source(base_meta["name_or_path"], base_meta.get("gguf_file"))
+    source, gguf_file = _base_source(run, meta)
     quant = meta.get("quantization")
     if quant and quantization == "as_trained":
         settings = _Settings.from_config(
@@ -170,7 +304,7 @@ def _merged_backbone(
                 "(quantization='none'); the merged model differs from the trained one"
             )
         base = _load_backbone(source, gguf_file, settings, quantize=False, attn="sdpa")
-    model = peft.PeftModel.from_pretrained(base, str(run / ADAPTER_DIR))
+    model = _load_adapter(base, run / ADAPTER_DIR, trainable=False, mode=meta["mode"])
     merged = model.merge_and_unload()
     return merged.to(DTYPES[dtype])
 
@@ -181,41 +315,50 @@ def export_merged(
     *,
     quantization: str = "as_trained",
     dtype: str = "fp32",
+    overwrite: bool = False,
 ) -> Path:
     """Write a merged full model (HF folder + tokenizer + ``pcc_embedder.json`` with mode "full").
 
     Args:
-        source: run folder or Embedder.
-        out_dir: target folder.
+        source: run folder, training run folder or Embedder.
+        out_dir: target folder (new or empty unless ``overwrite``).
         quantization: ``"as_trained"`` merges into the dequantised NF4 base of a QLoRA run;
             ``"none"`` into the original full-precision base.
         dtype: weight dtype of the merged model (default fp32, "full precision").
+        overwrite: replace a non-empty ``out_dir`` once the export is complete.
+
+    Raises:
+        ExportError: the target is refused or cannot be written.
+        ModelError: the run folder or its base model is missing or damaged.
     """
     out = Path(out_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = _run_dir(source, Path(tmp))
-        meta = read_run_config(run)
-        model = _merged_backbone(run, meta, quantization, dtype)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(run)).save_pretrained(out)
-        merged_meta = dict(meta)
-        merged_meta.update(
-            mode="full",
-            dtype=dtype,
-            quantization=None,
-            lora=None,
-            merged_from={
-                "mode": meta["mode"],
-                "quantization": meta.get("quantization"),
-                "lora": meta.get("lora"),
-            },
-        )
-        _write_meta(out, merged_meta)
+    with _export(source, out, overwrite) as (run, meta, staging):
+        _write_merged(run, meta, staging, quantization, dtype)
     logger.info("exported a merged %s model to %s", dtype, out)
     return out
+
+
+def _write_merged(
+    run: Path, meta: dict[str, Any], out: Path, quantization: str, dtype: str
+) -> None:
+    """The merged model, the run's tokenizer and the merged ``pcc_embedder.json`` into ``out``."""
+    check_run_files(run)  # every file (adapter, base) before the first weight is loaded
+    model = _merged_backbone(run, meta, quantization, dtype)
+    model.save_pretrained(out)
+    _load_tokenizer(str(run), None, False).save_pretrained(out)
+    merged_meta = dict(meta)
+    merged_meta.update(
+        mode="full",
+        dtype=dtype,
+        quantization=None,
+        lora=None,
+        merged_from={
+            "mode": meta["mode"],
+            "quantization": meta.get("quantization"),
+            "lora": meta.get("lora"),
+        },
+    )
+    _write_meta(out, merged_meta)
 
 
 def chat_template_for(embedder: Embedder) -> str:
@@ -335,6 +478,7 @@ def export_sentence_transformers(
     *,
     quantization: str = "as_trained",
     dtype: str = "fp32",
+    overwrite: bool = False,
 ) -> Path:
     """Write a folder that ``SentenceTransformer(out_dir)`` loads and that embeds as pcc_dist does.
 
@@ -342,14 +486,22 @@ def export_sentence_transformers(
     files; design notes in the module docstring.
 
     Raises:
-        ExportError: the tokenizer cannot reproduce the prompt through a chat template.
+        ExportError: the tokenizer cannot reproduce the prompt through a chat template, or the
+            target is refused or cannot be written.
+        ModelError: the run folder or its base model is missing or damaged.
     """
     out = Path(out_dir)
-    export_merged(source, out, quantization=quantization, dtype=dtype)
-    meta = read_run_config(out)
-    from transformers import AutoTokenizer
+    with _export(source, out, overwrite) as (run, meta, staging):
+        _write_merged(run, meta, staging, quantization, dtype)
+        _write_sentence_transformers(staging)
+    logger.info("exported a sentence-transformers folder to %s", out)
+    return out
 
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
+
+def _write_sentence_transformers(folder: Path) -> None:
+    """Add the sentence-transformers files and the prompt's chat template to a merged folder."""
+    meta = read_run_config(folder)
+    tokenizer = _load_tokenizer(str(folder), None, False)
     # A light Embedder over the exported tokenizer gives the reference token ids (no weights
     # needed).
     reference = Embedder(
@@ -361,7 +513,7 @@ def export_sentence_transformers(
         max_length=meta["max_length"],
     )
     tokenizer.padding_side = "right"
-    max_seq_length = _sentence_transformers_files(out, reference, int(meta["embedding_dim"]))
+    max_seq_length = _sentence_transformers_files(folder, reference, int(meta["embedding_dim"]))
     if reference.template is not None:
         if getattr(tokenizer, "chat_template", None):
             logger.info("replacing the tokenizer's chat template with the prompt template")
@@ -371,9 +523,7 @@ def export_sentence_transformers(
         tokenizer.chat_template = None
     # sentence-transformers truncates at the tokenizer's model_max_length.
     tokenizer.model_max_length = max_seq_length
-    tokenizer.save_pretrained(out)
-    logger.info("exported a sentence-transformers folder to %s", out)
-    return out
+    tokenizer.save_pretrained(folder)
 
 
 def verify_sentence_transformers(
@@ -413,7 +563,7 @@ def verify_sentence_transformers(
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
-    """``pcc-export RUN_DIR OUT_DIR --format {adapter,merged,sentence-transformers}``.
+    """``pcc-export RUN_DIR OUT_DIR --format {adapter,merged,sentence-transformers} [--overwrite]``.
 
     Returns:
         The exit code: 0 on success, 2 on a model/export error (message on stderr).
@@ -423,8 +573,13 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         description="Export a pcc_dist run folder: the LoRA adapter alone, a merged "
         "full-precision model, or a sentence-transformers folder.",
     )
-    parser.add_argument("run_dir", help="run folder holding pcc_embedder.json")
-    parser.add_argument("out_dir", help="folder to write")
+    parser.add_argument(
+        "run_dir",
+        help="run folder holding pcc_embedder.json, or a training run folder (its model/)",
+    )
+    parser.add_argument(
+        "out_dir", help="folder to write: new or empty, outside run_dir (see --overwrite)"
+    )
     parser.add_argument("--format", choices=FORMATS, default="sentence-transformers")
     parser.add_argument(
         "--quantization",
@@ -442,6 +597,12 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         help="sentence-transformers format: load the export and compare its embeddings with "
         "pcc_dist's on probe sentences",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty out_dir; the new export is written next to it and replaces it "
+        "only when complete (never a training run folder or a folder the export reads)",
+    )
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(
@@ -449,26 +610,28 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         if args.format == "adapter":
-            export_adapter(args.run_dir, args.out_dir)
-        elif args.format == "merged":
-            export_merged(
-                args.run_dir, args.out_dir, quantization=args.quantization, dtype=args.dtype
-            )
+            export_adapter(args.run_dir, args.out_dir, overwrite=args.overwrite)
         else:
-            export_sentence_transformers(
-                args.run_dir, args.out_dir, quantization=args.quantization, dtype=args.dtype
+            export = export_merged if args.format == "merged" else export_sentence_transformers
+            export(
+                args.run_dir,
+                args.out_dir,
+                quantization=args.quantization,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
             )
-            if args.verify:
-                embedder = load_embedder_from_run(args.run_dir, quantization=args.quantization)
-                cosine = verify_sentence_transformers(
-                    args.out_dir, embedder, [p for p in PROBES if p.strip()]
-                )
-                logger.info(
-                    "verified: min cosine %.6f over %d probe sentences",
-                    float(cosine.min()),
-                    len(cosine),
-                )
+        if args.verify and args.format == "sentence-transformers":
+            _verify(args.run_dir, args.out_dir, args.quantization)
     except ModelError as exc:
         print(f"pcc-export: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _verify(run_dir: str, out_dir: str, quantization: str) -> None:
+    """``--verify``: the export's embeddings against pcc_dist's on the probe sentences."""
+    embedder = load_embedder_from_run(run_dir, quantization=quantization)
+    cosine = verify_sentence_transformers(out_dir, embedder, [p for p in PROBES if p.strip()])
+    logger.info(
+        "verified: min cosine %.6f over %d probe sentences", float(cosine.min()), len(cosine)
+    )

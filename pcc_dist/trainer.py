@@ -383,17 +383,24 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
     Written to ``<output_dir>/results.json``; the final model goes to ``<output_dir>/model``
     (the run-folder layout that ``pcc-eval --model`` and ``pcc-export`` read).
     """
-    from pcc_dist.modeling import save_embedder
+    from pcc_dist.modeling import (
+        TRAINING_CONFIG_NAME,
+        TRAINING_MODEL_DIR,
+        check_model_files,
+        save_embedder,
+    )
     from pcc_dist.tracking import make_tracker
 
     run_dir = Path(cfg.run.output_dir)
     # Every rank, before the process group and any weight load: an unwritable or full output
     # folder fails in seconds with its name, not after the first checkpoint interval. (Each rank
-    # probes with its own file, so a shared folder is fine.)
+    # probes with its own file, so a shared folder is fine.) Likewise a missing or damaged model
+    # folder (only small files and headers are read).
     preflight_output_dir(run_dir)
+    check_model_files(cfg.model)
     dist_info = _dist()
     if dist_info.rank == 0:
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        (run_dir / TRAINING_CONFIG_NAME).write_text(cfg.to_yaml())
     _barrier(dist_info.world_size)()
     data_root = resolve_data_root(cfg.data.root)
     test_tasks = load_sts7(data_root) if cfg.data.decontaminate else None
@@ -418,7 +425,7 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
         results["sts"] = sts.to_json()
     state_dict = backbone_state_dict(engine)  # collective: every rank takes part
     if dist_info.rank == 0:
-        save_embedder(embedder, run_dir / "model", state_dict=state_dict)
+        save_embedder(embedder, run_dir / TRAINING_MODEL_DIR, state_dict=state_dict)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         if "sts" in results:
             logger.info("STS results:\n%s", format_table(sts))

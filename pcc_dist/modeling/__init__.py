@@ -38,29 +38,47 @@ Modules (each with one job; everything is re-exported here):
 * ``templates``: ``TEMPLATES`` and :func:`resolve_template`.
 * ``pooling``: model kind and pooling: :func:`infer_kind`, :func:`resolve_pooling`, :func:`pool`.
 * ``sources``: offline aliases, ``.gguf`` files and folders: :func:`resolve_model_source`.
+* ``model_files``: cheap checks of a model folder's files (config, safetensors headers, adapter)
+  before transformers reads them, and the net that turns its load errors into :class:`ModelError`.
 * ``attention``: :func:`choose_attn_implementation`.
 * ``settings``: the validated model settings (``_Settings``).
 * ``backbone``: ``AutoModel`` load (full precision or NF4), tokenizer, gradient checkpointing.
 * ``lora``: :func:`lora_target_modules`, the peft config, the frozen 4-bit base.
 * ``embedder``: the :class:`Embedder` (prompting, truncation, padding, encode).
-* ``run_folder``: :func:`run_metadata`, :func:`read_run_config`, :func:`save_embedder`.
-* ``loading``: :func:`load_embedder`, :func:`load_embedder_from_run`.
+* ``run_folder``: :func:`run_metadata`, :func:`read_run_config`, :func:`save_embedder`; a
+  training run folder stands for its ``model/`` (:func:`resolve_training_run`).
+* ``loading``: :func:`load_embedder`, :func:`load_embedder_from_run`; :func:`check_model_files`
+  and :func:`check_run_files` check without loading.
 """
 
-# _load_backbone and _Settings are private but re-exported (``x as x``): pcc_dist.export imports
-# them from here.
+# _load_backbone, _load_tokenizer, _load_adapter, _base_source and _Settings are private but
+# re-exported (``x as x``): pcc_dist.export imports them from here.
 from pcc_dist.modeling._core import DTYPES, ModelError
 from pcc_dist.modeling.attention import ATTN_IMPLEMENTATIONS, choose_attn_implementation
 from pcc_dist.modeling.backbone import _load_backbone as _load_backbone
+from pcc_dist.modeling.backbone import _load_tokenizer as _load_tokenizer
 from pcc_dist.modeling.embedder import Embedder
-from pcc_dist.modeling.loading import QUANTIZATION_CHOICES, load_embedder, load_embedder_from_run
+from pcc_dist.modeling.loading import (
+    QUANTIZATION_CHOICES,
+    check_model_files,
+    check_run_files,
+    load_embedder,
+    load_embedder_from_run,
+)
+from pcc_dist.modeling.loading import _base_source as _base_source
+from pcc_dist.modeling.lora import _load_adapter as _load_adapter
 from pcc_dist.modeling.lora import lora_target_modules
+from pcc_dist.modeling.model_files import check_adapter_folder, check_model_folder
 from pcc_dist.modeling.pooling import KINDS, POOLINGS, infer_kind, pool, resolve_pooling
 from pcc_dist.modeling.run_folder import (
     ADAPTER_DIR,
     RUN_CONFIG_NAME,
     RUN_FORMAT_VERSION,
+    TRAINING_CONFIG_NAME,
+    TRAINING_MODEL_DIR,
+    is_training_run,
     read_run_config,
+    resolve_training_run,
     run_metadata,
     save_embedder,
 )
@@ -86,8 +104,15 @@ __all__ = [
     "RUN_CONFIG_NAME",
     "RUN_FORMAT_VERSION",
     "TEMPLATES",
+    "TRAINING_CONFIG_NAME",
+    "TRAINING_MODEL_DIR",
+    "check_adapter_folder",
+    "check_model_files",
+    "check_model_folder",
+    "check_run_files",
     "choose_attn_implementation",
     "infer_kind",
+    "is_training_run",
     "load_embedder",
     "load_embedder_from_run",
     "lora_target_modules",
@@ -96,6 +121,7 @@ __all__ = [
     "resolve_model_source",
     "resolve_pooling",
     "resolve_template",
+    "resolve_training_run",
     "run_metadata",
     "save_embedder",
 ]

@@ -1,7 +1,8 @@
 """Backbone loading: ``AutoModel`` in full precision or 4-bit NF4 (QLoRA), tokenizer, checkpointing.
 
 transformers and bitsandbytes are imported inside the functions, so importing this module needs only
-torch.
+torch. Every read goes through :mod:`.model_files`: the folder is checked cheaply first and any
+error transformers still raises becomes a :class:`ModelError` naming the folder.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from pcc_dist.modeling._core import _BNB_HINT, DTYPES, _base_config, _import_or_error
+from pcc_dist.modeling.model_files import check_model_folder, reading
 from pcc_dist.modeling.settings import _Settings
 
 logger = logging.getLogger(__name__)
@@ -40,10 +42,47 @@ def _quant_config(s: _Settings) -> Any:
     )
 
 
+def _load_config(source: str, gguf_file: str | None, trust_remote_code: bool) -> Any:
+    """The folder's checked ``AutoConfig`` (read before the weights to validate settings early).
+
+    Raises:
+        ModelError: the folder or its config is missing, damaged or of an unknown architecture.
+    """
+    from transformers import AutoConfig
+
+    check_model_folder(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    with reading("the model config", source):
+        return AutoConfig.from_pretrained(source, **kwargs)
+
+
 def _load_backbone(
     source: str, gguf_file: str | None, s: _Settings, *, quantize: bool, attn: str
 ) -> nn.Module:
-    """``AutoModel`` from a local folder (no LM head: embeddings never need vocabulary logits)."""
+    """``AutoModel`` from a local folder (no LM head: embeddings never need vocabulary logits).
+
+    The folder is checked again even when :func:`_load_config` just did (exports and run folders
+    load weights without reading the config first); the check reads only headers.
+
+    Raises:
+        ModelError: the folder is damaged or transformers cannot load it (its message kept).
+    """
+    check_model_folder(source, gguf_file=gguf_file, trust_remote_code=s.trust_remote_code)
+    with reading("the model weights", source):
+        model = _from_pretrained(source, gguf_file, s, quantize=quantize, attn=attn)
+    if quantize:
+        _disable_bnb_cpu_inference_path(model)
+    if gguf_file is not None:
+        _forget_gguf_origin(model)
+    return model
+
+
+def _from_pretrained(
+    source: str, gguf_file: str | None, s: _Settings, *, quantize: bool, attn: str
+) -> nn.Module:
+    """``AutoModel.from_pretrained`` with the settings' dtype, attention and quantisation."""
     from transformers import AutoModel
 
     kwargs: dict[str, Any] = {
@@ -66,10 +105,6 @@ def _load_backbone(
         logger.info("attention implementation: sdpa unsupported by this model, using eager")
         kwargs["attn_implementation"] = "eager"
         model = AutoModel.from_pretrained(source, **kwargs)
-    if quantize:
-        _disable_bnb_cpu_inference_path(model)
-    if gguf_file is not None:
-        _forget_gguf_origin(model)
     return model
 
 
@@ -109,7 +144,8 @@ def _load_tokenizer(source: str, gguf_file: str | None, trust_remote_code: bool)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    return AutoTokenizer.from_pretrained(source, **kwargs)
+    with reading("the tokenizer", source):
+        return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
 def _enable_checkpointing(backbone: nn.Module) -> None:

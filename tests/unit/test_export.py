@@ -169,3 +169,25 @@ def test_export_main_merged_and_bad_run(tmp_path, capsys):
     assert json.loads((tmp_path / "merged" / "pcc_embedder.json").read_text())["dtype"] == "bf16"
     assert export_main([str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
     assert "pcc_embedder.json" in capsys.readouterr().err
+
+
+def test_write_failure_leaves_the_target_as_it_was(tmp_path, monkeypatch):
+    tok = word_tokenizer("bert")
+    emb = Embedder(tiny_model("bert", tok), tok, kind="encoder", spec={"mode": "full"})
+    run = save_embedder(emb, tmp_path / "run")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("old export")
+
+    def disk_full(folder, meta):
+        raise OSError(28, "No space left on device")
+
+    # pcc_embedder.json is written last, after the weights and the tokenizer.
+    monkeypatch.setattr("pcc_dist.export._write_meta", disk_full)
+    with pytest.raises(ExportError, match="No space left on device.*is unchanged"):
+        export_merged(run, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "run"]
+    monkeypatch.undo()
+    export_merged(run, out, overwrite=True)  # negative control: the same export, disk not full
+    assert (out / "pcc_embedder.json").is_file() and not (out / "old.txt").exists()
