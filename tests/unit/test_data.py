@@ -633,7 +633,8 @@ def test_pcc_data_check_refuses_what_stage2_scaling_would(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["--score-range", "5", "0"], "--score-range: got 5 0; give LOW HIGH with LOW < HIGH"),
+    (["--score-range", "5", "0"], "--score-range: got [5.0, 0.0]; give [low, high] with "
+                                  "low < high"),
     (["--json", "FILE/x.json"], "is a file, not a folder"),
 ])
 def test_pcc_data_check_usage_errors_before_any_work(tmp_path, capsys, args, needle):
