@@ -8,10 +8,20 @@ through :func:`pcc_dist.losses.reference.pearson_global_stats`). Backward:
 Math, degenerate cases and the gradient convention are those of
 :class:`pcc_dist.losses.reference.PearsonFunction`, which is the oracle of these kernels.
 
+Precision: the kernels compute the cosines in fp32 (the reference uses float64). Their rounding,
+about 1.2e-7·|x̄|, enters r and its gradient as an error of about 1.2e-7 / (σx/|x̄|): 1e-4 at a
+relative spread of 1e-3 (any trained or pretrained model), but 1 % at 1.2e-5 and 8 % at 1.5e-6,
+just above the zero-variance guard (1e-6). Below :data:`FP32_COSINE_MIN_REL_SPREAD` the forward
+warns with a :class:`CosinePrecisionWarning` naming the spread, the expected error and the fix
+(``loss.kernel=torch``). float64 in the kernel would remove the error, but many GPUs run float64
+at 1/32-1/64 of the fp32 rate, which would turn this memory-bound kernel compute-bound.
+
 Importing this module imports Triton (``ImportError`` naming the package when it is missing).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -30,13 +40,52 @@ from pcc_dist.losses.reference import (
 triton = require_triton()
 import triton.language as tl  # noqa: E402  (after the guarded import that names the missing package)
 
-__all__ = ["PearsonTritonFunction", "pearson_triton"]
+__all__ = [
+    "FP32_COSINE_MIN_REL_SPREAD",
+    "FP32_COSINE_REL_ROUNDING",
+    "CosinePrecisionWarning",
+    "PearsonTritonFunction",
+    "pearson_triton",
+]
 
 # Rows × columns per program: BLOCK_B·BLOCK_D = 4,096 fp32 values (16 KiB of a, 16 KiB of b) in
 # flight per program, the usual size for a row-reduction kernel. Not tuned on a GPU (none here).
 _TILE_ELEMENTS = 4096
 _MAX_BLOCK_D = 1024
 _N_SUMS = 6
+# Rounding of the forward kernel's fp32 cosines relative to |x̄|: the dot, the two norms and the
+# division each round to 2^-24 ≈ 6e-8. Measured against a float64 oracle for σx/|x̄| from 1e-3
+# down to 1.5e-6, the gradient was off by (0.8-1.1e-7) / (σx/|x̄|) here and fp32 torch cosines by
+# (1.1-1.25e-7) / (σx/|x̄|); tests/kernels checks the bound with a 2× margin.
+FP32_COSINE_REL_ROUNDING = 1.2e-7
+# Warn once the expected error FP32_COSINE_REL_ROUNDING / (σx/|x̄|) exceeds 1 %: below 1.2e-5.
+FP32_COSINE_MIN_REL_SPREAD = FP32_COSINE_REL_ROUNDING / 0.01
+
+
+class CosinePrecisionWarning(RuntimeWarning):
+    """The cosines of a batch nearly coincide, so the kernel's fp32 cosines limit r's accuracy."""
+
+
+def warn_if_fp32_cosines_too_close(stats: PearsonStats) -> None:
+    """Warn when fp32 cosine rounding is a large share of the batch's cosine spread σx.
+
+    A degenerate batch already got its own warning (zero variance) and has zero gradient. The
+    message is rounded to one significant digit so that Python's once-per-message filter does not
+    repeat it for every step of a run.
+    """
+    spread = stats.relative_spread_x
+    if stats.degenerate or spread >= FP32_COSINE_MIN_REL_SPREAD:
+        return
+    error = FP32_COSINE_REL_ROUNDING / spread
+    warnings.warn(
+        f"Pearson loss (Triton kernel): the cosines of this global batch nearly coincide "
+        f"(relative spread σx/|x̄| ≈ {spread:.0e}, below {FP32_COSINE_MIN_REL_SPREAD:.1e}); the "
+        f"kernel computes cosines in fp32, so r and its gradient may be off by ~{error:.0%}. Use "
+        "loss.kernel=torch (float64 cosines) for such data, or check whether the embeddings "
+        "have collapsed",
+        CosinePrecisionWarning,
+        stacklevel=4,
+    )
 
 
 @triton.jit
@@ -186,6 +235,7 @@ class PearsonTritonFunction(torch.autograd.Function):
                               device=a.device)
         forward(a, b, scores, x, norm_a, norm_b, partial, rows, dim, a.stride(0), b.stride(0), eps)
         stats = pearson_global_stats(partial.sum(0), group)
+        warn_if_fp32_cosines_too_close(stats)
         ctx.save_for_backward(a, b, scores, x, norm_a, norm_b)
         ctx.stats, ctx.grad_scale, ctx.eps, ctx.backward = stats, grad_scale, eps, backward
         loss = torch.tensor(1.0 - stats.r, dtype=torch.float32, device=a.device)
@@ -226,7 +276,8 @@ def pearson_triton(
     """Pcc-tuning loss 1 − r over the global batch with the fused Triton kernels.
 
     Same contract as :func:`pcc_dist.losses.reference.pearson_reference` (formula, collectives,
-    degenerate cases, gradient convention); computes in fp32 (fp32/bf16/fp16 inputs).
+    degenerate cases, gradient convention); computes in fp32 (fp32/bf16/fp16 inputs), and warns
+    (:class:`CosinePrecisionWarning`) when the cosines are too close for fp32 (module docstring).
 
     Args:
         a: First embedding of each pair on this rank.

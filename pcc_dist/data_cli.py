@@ -1,9 +1,15 @@
 """``pcc-data``: inspect the data layer from the command line.
 
-``pcc-data check [--data-root DIR] [--train SPEC] [--on-bad-row error|skip] [--json PATH]``
-loads the STS7 test sets and a training set, de-contaminates the training set against the tests
-and prints, per training source, how many pairs it has, how many overlap a test set and how many
-are kept, then the overlaps per test task.
+``pcc-data check [--data-root DIR] [--train SPEC] [--on-bad-row error|skip]
+[--score-range LOW HIGH] [--json PATH]`` loads the STS7 test sets and a training set,
+de-contaminates the training set against the tests and prints, per training source, how many pairs
+it has, how many overlap a test set and how many are kept, then the overlaps per test task.
+
+It reads, de-contaminates and scales scored pairs exactly as training does
+(:func:`pcc_dist.data.load_training_set`, :func:`pcc_dist.data.decontaminate`,
+:func:`pcc_dist.data.rescale_scores`), so what training would refuse (a bad row, a score outside
+its source's range or ``--score-range``, a source whose scores are all equal) it refuses too,
+naming the file and line.
 """
 
 from __future__ import annotations
@@ -15,18 +21,23 @@ import sys
 import time
 from pathlib import Path
 
+from pcc_dist.config import score_range_problem
 from pcc_dist.data import (
     STS7_TASKS,
     DataError,
+    ScoredPair,
     decontaminate,
     load_sts7,
     load_training_set,
+    rescale_scores,
     reset_skipped_rows,
     resolve_data_root,
     skipped_rows,
 )
+from pcc_dist.output_paths import output_file_problem
 
 EXIT_DATA_ERROR = 1
+EXIT_USAGE_ERROR = 2
 _EXAMPLES_SHOWN = 5
 
 
@@ -43,9 +54,23 @@ def _parser() -> argparse.ArgumentParser:
                        help="'stage2', 'nli', a csv/tsv/jsonl file or a hub id (default: stage2)")
     check.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
                        help="stop at the first bad training row, or skip and count bad rows")
+    check.add_argument("--score-range", type=float, nargs=2, default=None,
+                       metavar=("LOW", "HIGH"),
+                       help="scale of the scores of sources without a known range, as "
+                            "data.score_range (default: their observed min and max)")
     check.add_argument("--json", type=Path, default=None, metavar="PATH",
                        help="also write the report as JSON here")
     return parser
+
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """A mistake in the arguments, found before any file is read."""
+    problem = score_range_problem(args.score_range, "--score-range")
+    if problem is not None:
+        return problem
+    if args.json is not None:
+        return output_file_problem(args.json, "--json")
+    return None
 
 
 def data_main(argv: list[str] | None = None) -> int:
@@ -59,9 +84,14 @@ def data_main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help (0) and usage errors (2)
         return int(exc.code or 0)
+    problem = _usage_problem(args)
+    if problem is not None:
+        print(f"pcc-data: {problem}", file=sys.stderr)
+        return EXIT_USAGE_ERROR
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    score_range = tuple(args.score_range) if args.score_range else None
     try:
-        result = _check(args.data_root, args.train, args.on_bad_row)
+        result = _check(args.data_root, args.train, args.on_bad_row, score_range)
     except DataError as exc:
         print(f"pcc-data: {exc}", file=sys.stderr)
         return EXIT_DATA_ERROR
@@ -74,14 +104,17 @@ def data_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check(data_root: str | None, train: str, on_bad_row: str) -> dict:
-    """Load everything and build the JSON-ready result."""
+def _check(data_root: str | None, train: str, on_bad_row: str,
+           score_range: tuple[float, float] | None) -> dict:
+    """Load everything as training does and build the JSON-ready result."""
     start = time.perf_counter()
     root = resolve_data_root(data_root)
     tests = load_sts7(root)
     reset_skipped_rows()
-    items = load_training_set(train, root, on_bad_row=on_bad_row)
-    _, report = decontaminate(items, tests)
+    items = load_training_set(train, root, on_bad_row=on_bad_row, score_range=score_range)
+    kept, report = decontaminate(items, tests)
+    if isinstance(items[0], ScoredPair):
+        rescale_scores(kept, "per_source", score_range)  # raises what stage 2 would raise
     return {
         "data_root": str(root),
         "train": train,

@@ -70,6 +70,7 @@ from typing import Any
 import torch
 
 from pcc_dist.data import STS7_TASKS, StsTask
+from pcc_dist.output_paths import output_file_problem
 from pcc_dist.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -546,18 +547,54 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _flag_overrides(args: argparse.Namespace) -> list[str]:
-    """Translate explicit flags into dotted overrides; values go through JSON so that YAML
-    parsing keeps them verbatim (a prompt template contains ``: "``)."""
-    pairs = [("model.name_or_path", args.model), ("model.pooling", args.pooling),
-             ("model.template", args.template), ("model.kind", args.kind),
-             ("model.gguf_file", args.gguf_file), ("eval.batch_size", args.batch_size),
-             ("data.root", args.data_root)]
-    out = [f"{key}={json.dumps(value)}" for key, value in pairs if value is not None]
+_FLAG_FIELDS = (("--model", "model", "model.name_or_path"),
+                ("--pooling", "pooling", "model.pooling"),
+                ("--template", "template", "model.template"),
+                ("--kind", "kind", "model.kind"),
+                ("--gguf-file", "gguf_file", "model.gguf_file"),
+                ("--batch-size", "batch_size", "eval.batch_size"),
+                ("--data-root", "data_root", "data.root"))
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """Explicit flags as dotted overrides, each mapped to how the user gave it.
+
+    Values go through JSON so that YAML parsing keeps them verbatim (a prompt template contains
+    ``: "``); the mapped label (``--template '...'``) is what a problem message names.
+    """
+    out: dict[str, str] = {}
+    for flag, attr, key in _FLAG_FIELDS:
+        value = getattr(args, attr)
+        if value is not None:
+            out[f"{key}={json.dumps(value)}"] = f"{flag} {value!r}"
     if args.tasks is not None:
-        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        out.append(f"eval.tasks={json.dumps(names)}")
+        out[f"eval.tasks={json.dumps(task_names(args.tasks))}"] = f"--tasks {args.tasks!r}"
     return out
+
+
+def task_names(text: str) -> list[str]:
+    """The task names of a ``--tasks`` value: comma-separated, blanks ignored."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _argument_problems(args: argparse.Namespace) -> list[str]:
+    """Mistakes in the flags that need no config, found before anything loads."""
+    problems = []
+    if args.limit is not None and args.limit < 1:
+        problems.append(f"--limit: got {args.limit}; use a positive number of pairs per subset.")
+    if args.max_length is not None and args.max_length < 1:
+        problems.append(f"--max-length: got {args.max_length}; use a positive token count or "
+                        "leave it out (no truncation).")
+    if args.tasks is not None and not task_names(args.tasks):
+        problems.append(f"--tasks: got {args.tasks!r}, which names no task; give a "
+                        f"comma-separated list of {','.join(STS7_TASKS)}, or leave it out to "
+                        "score all seven.")
+    if args.json_path:
+        # Checked before the minutes of embedding, which a failed write would throw away.
+        problem = output_file_problem(args.json_path, "--json")
+        if problem is not None:
+            problems.append(problem)
+    return problems
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -573,16 +610,16 @@ def eval_main(argv: list[str] | None = None) -> int:
     from pcc_dist.config import ConfigError, load_config
 
     args = _parser().parse_args(argv)
-    problems = []
-    if args.limit is not None and args.limit < 1:
-        problems.append(f"--limit: got {args.limit}; use a positive number of pairs per subset.")
-    if args.max_length is not None and args.max_length < 1:
-        problems.append(f"--max-length: got {args.max_length}; use a positive token count or "
-                        "leave it out (no truncation).")
+    problems = _argument_problems(args)
+    flags = _flag_overrides(args)
     try:
-        cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
+        cfg = load_config(args.config, [*args.overrides, *flags], labels=flags)
     except ConfigError as exc:
         problems += exc.problems
+    else:
+        if not cfg.eval.tasks and args.tasks is None:
+            problems.append(f"eval.tasks: empty, so there is nothing to evaluate; pass --tasks "
+                            f"with some of {','.join(STS7_TASKS)} or remove eval.tasks.")
     if problems:
         print(f"pcc-eval: {len(problems)} problem(s):", file=sys.stderr)
         for problem in problems:

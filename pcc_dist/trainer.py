@@ -110,7 +110,8 @@ class StageRunner:
     # -- step 1: data ---------------------------------------------------------------------
     def load_examples(self) -> tuple[list, dict[str, Any] | None]:
         examples = load_training_set(self.stage.data, self.data_root,
-                                     on_bad_row=self.cfg.data.on_bad_row)
+                                     on_bad_row=self.cfg.data.on_bad_row,
+                                     score_range=self.cfg.data.score_bounds)
         report = None
         if self.test_tasks is not None:
             examples, contamination = decontaminate(examples, self.test_tasks)
@@ -124,8 +125,26 @@ class StageRunner:
             if not all(isinstance(e, ScoredPair) for e in examples):
                 raise TrainingError(f"stage2.data={self.stage.data!r} holds no scored pairs; "
                                     "stage 2 trains on (sentence1, sentence2, score).")
-            examples = rescale_scores(examples, self.cfg.data.score_scaling)
+            examples = rescale_scores(examples, self.cfg.data.score_scaling,
+                                      self.cfg.data.score_bounds)
+        self._require_one_global_batch(len(examples), report)
         return examples, report
+
+    def _require_one_global_batch(self, count: int, report: dict[str, Any] | None) -> None:
+        """Refuse a data set smaller than one global batch, naming it, its size and the batch."""
+        batch = self.stage.global_batch_size
+        if count >= batch:
+            return
+        if report is None:
+            how = "with data.decontaminate=false"
+        else:
+            how = (f"after de-contamination removed {report['removed']} of {report['total']} "
+                   "that occur in STS7 test sets")
+        raise TrainingError(
+            f"{self.name}.data={self.stage.data!r} has {count} examples {how}, fewer than one "
+            f"global batch ({self.name}.global_batch_size={batch}); lower "
+            f"{self.name}.global_batch_size to at most {count} (a multiple of the number of "
+            "ranks) or add data.")
 
     # -- step 3a: one rank's batch as token views ---------------------------------------
     def views(self, embedder, batch: list) -> tuple[list[dict[str, torch.Tensor]],

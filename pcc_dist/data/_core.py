@@ -259,36 +259,60 @@ def missing_column(where: tuple[str, int], column: str, found: int, expected: st
                      column)
 
 
-def rescale_scores(pairs: list[ScoredPair], mode: str = "per_source") -> list[ScoredPair]:
+def rescale_scores(pairs: list[ScoredPair], mode: str = "per_source",
+                   score_range: tuple[float, float] | None = None) -> list[ScoredPair]:
     """Map raw gold scores to [0, 1] per training source.
 
     Pearson r is invariant to one affine map of all labels, but STS-B (0-5) and SICK-R (1-5) mixed
-    in one batch need different maps to share a scale: stsb -> s / 5, sickr -> (s - 1) / 4.
+    in one batch need different maps to share a scale: stsb -> s / 5, sickr -> (s - 1) / 4. The
+    range of each source is, in this order: its known range (``SOURCE_SCORE_RANGES``), the
+    declared ``score_range`` (``data.score_range``), or the observed min and max of its scores
+    (logged as a warning: with a single source r does not change, but an outlier such as 250 for
+    2.50 squeezes every other score, and two sources only share a scale if their observed ranges
+    are their true ones).
 
     Args:
-        pairs: Scored pairs whose ``source`` is a key of ``SOURCE_SCORE_RANGES``.
+        pairs: Scored pairs; rows of a user's file without a ``source`` carry the file's name
+            (:func:`pcc_dist.data.load_training_set`).
         mode: ``"per_source"`` rescales, ``"none"`` returns the pairs unchanged.
+        score_range: Inclusive ``(low, high)`` of the sources without a known range, or None.
 
     Returns:
         New pairs (the input is not modified).
 
     Raises:
-        DataError: A pair's source has no known range (the message names the source).
+        DataError: A source without a known or declared range whose scores are all equal (the
+            message names the source and the fix).
         ValueError: Unknown ``mode``.
     """
     if mode == "none":
         return list(pairs)
     if mode != "per_source":
         raise ValueError(f"rescale mode must be 'per_source' or 'none', got {mode!r}")
-    out = []
-    for index, pair in enumerate(pairs):
-        bounds = SOURCE_SCORE_RANGES.get(pair.source)
-        if bounds is None:
-            raise DataError(
-                f"pair {index} has source {pair.source!r}, which has no known score range "
-                f"(known: {sorted(SOURCE_SCORE_RANGES)}); set score_scaling to 'none' or give "
-                f"the rows a known source", field="source")
-        low, high = bounds
-        out.append(ScoredPair(pair.sentence1, pair.sentence2, (pair.score - low) / (high - low),
-                              pair.source))
-    return out
+    bounds = {source: _source_range(source, pairs, score_range)
+              for source in dict.fromkeys(pair.source for pair in pairs)}
+    return [ScoredPair(pair.sentence1, pair.sentence2,
+                       (pair.score - bounds[pair.source][0])
+                       / (bounds[pair.source][1] - bounds[pair.source][0]), pair.source)
+            for pair in pairs]
+
+
+def _source_range(source: str, pairs: list[ScoredPair],
+                  declared: tuple[float, float] | None) -> tuple[float, float]:
+    """The score range of ``source``: known, else declared, else observed (logged)."""
+    if source in SOURCE_SCORE_RANGES:
+        return SOURCE_SCORE_RANGES[source]
+    if declared is not None:
+        return declared
+    scores = [pair.score for pair in pairs if pair.source == source]
+    low, high = min(scores), max(scores)
+    if low == high:
+        raise DataError(
+            f"all {len(scores)} scores of source {source!r} are {low:g}: no similarity signal to "
+            f"train on and no range to scale by; give pairs with different scores (set "
+            f"data.score_scaling=none to train on them anyway)", field="score")
+    logger.warning("source %r has no known score range and data.score_range is not set: "
+                   "scaling its %d scores by their observed range [%g, %g]; set "
+                   "data.score_range=[low,high] if the scale is wider", source, len(scores), low,
+                   high)
+    return low, high

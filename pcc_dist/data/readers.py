@@ -332,9 +332,10 @@ def read_pairs(path_or_hub_id: str, *, on_bad_row: str = "error",
     """Read scored sentence pairs from a local csv/tsv/jsonl file or a ``datasets`` hub id.
 
     Columns default to ``sentence1``, ``sentence2``, ``score`` and optional ``source``. A csv/tsv
-    needs a header naming them. Scores must be finite; they are range-checked against
-    ``score_range`` when given, else against the row's source range when the source is a known
-    one (``SOURCE_SCORE_RANGES``: stsb 0-5, sickr 1-5).
+    needs a header naming them. Scores must be finite; they are range-checked against the row's
+    source range when the source is a known one (``SOURCE_SCORE_RANGES``: stsb 0-5, sickr 1-5),
+    else against ``score_range`` when given. Rows without a source keep ``source=""`` here
+    (:func:`pcc_dist.data.load_training_set` names them after the file).
 
     A string that is not an existing file is treated as a hub id ``owner/name[:split]`` (split
     defaults to ``train``) unless it looks like a file path (a known suffix or a leading ``/``,
@@ -345,7 +346,8 @@ def read_pairs(path_or_hub_id: str, *, on_bad_row: str = "error",
         on_bad_row: ``"error"`` or ``"skip"``.
         columns: Column names, as a mapping from role (``sentence1``, ``sentence2``, ``score``,
             ``source``) to name, or a sequence in that order (source optional).
-        score_range: Inclusive ``(low, high)`` allowed scores.
+        score_range: Inclusive ``(low, high)`` allowed scores of rows whose source has no known
+            range.
 
     Returns:
         The pairs, in file order.
@@ -421,7 +423,8 @@ def _pair(path: str, number: int, record: dict | DataError, names: dict[str, str
         raise DataError(f"source column {names['source']!r} holds {source!r}, not text", path,
                         number, names["source"])
     source = source.strip()
-    bounds = score_range if score_range is not None else SOURCE_SCORE_RANGES.get(source)
+    # A known source's scale is fixed (stsb 0-5, sickr 1-5); score_range covers the others.
+    bounds = SOURCE_SCORE_RANGES.get(source, score_range)
     score = parse_score(record[names["score"]], where, names["score"], bounds)
     return ScoredPair(parse_sentence(record[names["sentence1"]], where, names["sentence1"]),
                       parse_sentence(record[names["sentence2"]], where, names["sentence2"]),

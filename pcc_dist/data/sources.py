@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from pcc_dist.data._core import STS7_TASKS, DataError, ScoredPair, StsTask, Triplet, check_policy
@@ -160,9 +161,15 @@ def load_sts7(root: Path | None = None) -> dict[str, StsTask]:
     return {name: load_sts_task(name, root) for name in STS7_TASKS}
 
 
-def load_training_set(spec: str, root: Path | None = None, *, on_bad_row: str = "error"
+def load_training_set(spec: str, root: Path | None = None, *, on_bad_row: str = "error",
+                      score_range: tuple[float, float] | None = None
                       ) -> list[ScoredPair] | list[Triplet]:
     """Load a training set by built-in name, local path or hub id.
+
+    Scored pairs without a ``source`` (no such column, or an empty cell) take the file's name (or
+    the hub id) as their source, so a user's ``sentence1,sentence2,score`` file is one source of
+    its own for de-contamination counts and per-source score scaling
+    (:func:`pcc_dist.data.rescale_scores`).
 
     Args:
         spec: ``"stage2"`` (STS-B train + SICK-R train, raw scores with ``source``), ``"nli"``
@@ -170,6 +177,9 @@ def load_training_set(spec: str, root: Path | None = None, *, on_bad_row: str = 
             jsonl object names ``sent0``/``sent1``, scored pairs otherwise), or a hub id.
         root: Data root for the built-in names; None resolves it. Unused for paths and hub ids.
         on_bad_row: ``"error"`` or ``"skip"``.
+        score_range: Inclusive ``(low, high)`` of scores whose source has no known range
+            (``data.score_range``); a score outside it is a bad row (file and line). None = no
+            check beyond finiteness.
 
     Returns:
         Scored pairs or triplets.
@@ -188,9 +198,16 @@ def load_training_set(spec: str, root: Path | None = None, *, on_bad_row: str = 
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
-            return read_pairs(spec, on_bad_row=on_bad_row)
+            return _named_sources(read_pairs(spec, on_bad_row=on_bad_row,
+                                             score_range=score_range), spec)
     table = load_table(path)
     first = next((record for _, record in table.rows if isinstance(record, dict)), None)
     if is_triplet_table(table.columns, first):
         return triplets_from_table(table, on_bad_row)
-    return pairs_from_table(table, pair_columns(None), on_bad_row, None)
+    pairs = pairs_from_table(table, pair_columns(None), on_bad_row, score_range)
+    return _named_sources(pairs, path.name)
+
+
+def _named_sources(pairs: list[ScoredPair], name: str) -> list[ScoredPair]:
+    """``pairs`` with an empty ``source`` replaced by ``name`` (the file name or hub id)."""
+    return [pair if pair.source else replace(pair, source=name) for pair in pairs]

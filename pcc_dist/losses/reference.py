@@ -23,8 +23,14 @@ Degenerate cases (Pearson), identical on every rank because they are decided on 
     - σx = 0 or σy = 0 (all cosines equal, or all gold scores equal): r is undefined (0/0). We
       return r = 0 (loss 1) with an all-zero gradient and a ``RuntimeWarning``: the batch carries
       no correlation signal, and any ε-regularised alternative would return gradients of order 1/ε.
-      "Zero" means σ² ≤ 1e-12 · E[x²] (resp. y), i.e. below float64 rounding of the sums with a
-      500× margin, and below the resolution of fp32 cosines (σ/|x̄| < 1e-6).
+      "Zero" means σ² ≤ 1e-12 · E[x²] (resp. y), i.e. σ/|x̄| ≤ 1e-6: below float64 rounding of the
+      sums with a 500× margin, and within ~10× of the ~1e-7 relative rounding an fp32 network
+      leaves in the embeddings themselves, so a smaller spread is noise, not signal.
+    - Nearly equal cosines (1e-6 < σx/|x̄| ≲ 1e-4): the cosines that enter the six sums are
+      computed in float64 here, so r and its gradient stay exact to ~1e-7 down to the guard. fp32
+      cosines round to ~1e-7 relative, which is 7 % of σx at σx/|x̄| = 1.5e-6 and gave gradient
+      errors of 8 % (tests/unit) to 22 % (issue #19). The Triton kernel keeps fp32 cosines and
+      warns below σx/|x̄| = 1.2e-5 (:mod:`pcc_dist.kernels.pearson`, "Precision").
     - A zero-norm row: cosines use ``v / max(‖v‖, eps)`` like ``F.normalize``, so x_i = 0 and the
       gradient follows that clamp (finite).
 
@@ -75,9 +81,9 @@ DEFAULT_EPS = 1e-8
 # σ² ≤ 1e-12·E[x²] counts as zero variance: float64 sums of N ≤ 1e6 terms carry a relative error
 # of about log2(N)·1.1e-16 ≈ 2e-15 of E[x²], so 1e-12 leaves a 500× margin.
 _DEGENERATE_REL_VAR = 1e-12
-# Row chunk of the Pearson reference: C·D ≈ 4M elements keeps each temporary at 16 MiB in fp32
-# (a [65,536 × 4,096] product would otherwise be a 1 GiB temporary).
-_PEARSON_CHUNK_ELEMENTS = 1 << 22
+# Row chunk of the Pearson reference: 16 MiB per temporary, i.e. C·D = 4M fp32 or 2M float64
+# elements (a [65,536 × 4,096] product would otherwise be a 1 GiB temporary).
+_PEARSON_CHUNK_BYTES = 16 << 20
 
 
 def resolve_grad_scale(grad_scale: float | None, group: dist.ProcessGroup | None = None) -> float:
@@ -144,6 +150,11 @@ class PearsonStats:
     var_y: float
     r: float
     degenerate: bool
+
+    @property
+    def relative_spread_x(self) -> float:
+        """σx/|x̄|, the cosines' spread relative to their size (inf when x̄ = 0)."""
+        return math.sqrt(self.var_x) / abs(self.mean_x) if self.mean_x else math.inf
 
     def x_gradient_coefficients(self) -> tuple[float, float]:
         """(α, β) such that ∂L/∂xᵢ = α·(yᵢ − ȳ) + β·(xᵢ − x̄) for L = 1 − r.
@@ -247,14 +258,48 @@ def check_pearson_inputs(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor)
         )
 
 
-def _row_chunk(dim: int) -> int:
-    return max(1, _PEARSON_CHUNK_ELEMENTS // max(dim, 1))
+def _row_chunk(dim: int, dtype: torch.dtype) -> int:
+    """Rows per chunk so that one ``[C, dim]`` temporary of ``dtype`` stays within 16 MiB."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max(1, _PEARSON_CHUNK_BYTES // (max(dim, 1) * itemsize))
+
+
+def _float64_cosines(
+    a: torch.Tensor, b: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """xᵢ = aᵢ·bᵢ / (max(‖aᵢ‖, eps) max(‖bᵢ‖, eps)) and both norms, computed in float64.
+
+    Why float64: r depends on the cosines only through xᵢ − x̄. fp32 cosines carry ~1e-7 relative
+    rounding (dot, norms, division), which is 1 % of σx at σx/|x̄| = 1e-5 and 7 % at 1.5e-6; the
+    gradient inherited errors of 1 % and 8 % there (tests/unit/test_losses_reference.py). Any
+    fp32/bf16/fp16 product is exact in float64, so these cosines are exact to ~1e-16 and the
+    result is exact to the fp32 output's own rounding down to the zero-variance guard. The cost
+    is float64 arithmetic on N·D elements in chunks, next to a model forward over the same rows.
+
+    Shape:
+        - a, b: ``[B, D]``
+        - outputs: three ``[B]`` float64 tensors
+    """
+    rows = a.shape[0]
+    x = torch.empty(rows, dtype=torch.float64, device=a.device)
+    norm_a, norm_b = torch.empty_like(x), torch.empty_like(x)
+    step = _row_chunk(a.shape[1], torch.float64)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        a_c, b_c = a[start:stop].double(), b[start:stop].double()
+        norm_a[start:stop] = torch.linalg.vector_norm(a_c, dim=1)
+        norm_b[start:stop] = torch.linalg.vector_norm(b_c, dim=1)
+        x[start:stop] = torch.linalg.vecdot(a_c, b_c) / (
+            norm_a[start:stop].clamp_min(eps) * norm_b[start:stop].clamp_min(eps)
+        )
+    return x, norm_a, norm_b
 
 
 class PearsonFunction(torch.autograd.Function):
     """L = 1 − r(x, y) over the global batch, xᵢ = cos(aᵢ, bᵢ); closed-form backward, no collective.
 
-    Forward: cosines row-chunked, six float64 sums, one all-reduce. Backward:
+    Forward: float64 cosines row-chunked (:func:`_float64_cosines`), six float64 sums, one
+    all-reduce. Backward (in the inputs' compute dtype, at least fp32):
     ∂L/∂xᵢ = α(yᵢ − ȳ) + β(xᵢ − x̄) (see :meth:`PearsonStats.x_gradient_coefficients`), then through
     the cosine with norms nₐ = max(‖aᵢ‖, eps):
     ∂xᵢ/∂aᵢ = bᵢ/(nₐ n_b) − xᵢ·[‖aᵢ‖ ≥ eps]·aᵢ/nₐ² (and symmetrically for bᵢ), scaled by
@@ -266,20 +311,7 @@ class PearsonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scores, group, grad_scale: float, eps: float):
         cdt = _compute_dtype(a.dtype)
-        rows = a.shape[0]
-        x = torch.empty(rows, dtype=cdt, device=a.device)
-        norm_a = torch.empty_like(x)
-        norm_b = torch.empty_like(x)
-        step = _row_chunk(a.shape[1])
-        for start in range(0, rows, step):
-            stop = min(start + step, rows)
-            a_c, b_c = a[start:stop].to(cdt), b[start:stop].to(cdt)
-            dot = torch.linalg.vecdot(a_c, b_c)
-            norm_a[start:stop] = torch.linalg.vector_norm(a_c, dim=1)
-            norm_b[start:stop] = torch.linalg.vector_norm(b_c, dim=1)
-            x[start:stop] = dot / (
-                norm_a[start:stop].clamp_min(eps) * norm_b[start:stop].clamp_min(eps)
-            )
+        x, norm_a, norm_b = _float64_cosines(a, b, eps)
         y = scores.to(cdt)
         stats = pearson_global_stats(local_moment_sums(x, y), group)
         ctx.save_for_backward(a, b, x, y, norm_a, norm_b)
@@ -296,21 +328,27 @@ class PearsonFunction(torch.autograd.Function):
         if stats.degenerate:
             return torch.zeros_like(a), torch.zeros_like(b), None, None, None, None
         alpha, beta = stats.x_gradient_coefficients()
-        # Coefficients in float64 from the saved global moments: N values, no communication.
-        dl_dx = alpha * (y.double() - stats.mean_y) + beta * (x.double() - stats.mean_x)
-        coef = (dl_dx * (grad_loss.double() * ctx.grad_scale)).to(x.dtype)
-        na, nb = norm_a.clamp_min(ctx.eps), norm_b.clamp_min(ctx.eps)
+        # ∂L/∂xᵢ in float64 from the float64 cosines and the saved global moments: xᵢ − x̄ is the
+        # one cancelling difference. N values, no communication.
+        dl_dx = alpha * (y.double() - stats.mean_y) + beta * (x - stats.mean_x)
+        # The rest needs no float64: the terms b/(nₐ n_b) and x·a/nₐ² of ∂xᵢ/∂aᵢ differ by about
+        # sin∠(aᵢ, bᵢ), so fp32 loses only log10(1/sin) of its ~7 digits (measured: the gradient
+        # stays within 1.6e-7 of float64 at σx/|x̄| = 1.5e-6).
+        cdt = y.dtype
+        coef = (dl_dx * (grad_loss.double() * ctx.grad_scale)).to(cdt)
+        x = x.to(cdt)
+        na, nb = norm_a.clamp_min(ctx.eps).to(cdt), norm_b.clamp_min(ctx.eps).to(cdt)
         # The −x·v/n² term of d(v/max(‖v‖, eps)) exists only where the clamp is inactive.
-        live_a = (norm_a >= ctx.eps).to(x.dtype)
-        live_b = (norm_b >= ctx.eps).to(x.dtype)
+        live_a = (norm_a >= ctx.eps).to(cdt)
+        live_b = (norm_b >= ctx.eps).to(cdt)
         cross = coef / (na * nb)
         self_a = -coef * x * live_a / (na * na)
         self_b = -coef * x * live_b / (nb * nb)
         grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
-        step = _row_chunk(a.shape[1])
+        step = _row_chunk(a.shape[1], cdt)
         for start in range(0, a.shape[0], step):
             stop = min(start + step, a.shape[0])
-            a_c, b_c = a[start:stop].to(x.dtype), b[start:stop].to(x.dtype)
+            a_c, b_c = a[start:stop].to(cdt), b[start:stop].to(cdt)
             c, sa, sb = cross[start:stop, None], self_a[start:stop, None], self_b[start:stop, None]
             grad_a[start:stop] = b_c * c + a_c * sa
             grad_b[start:stop] = a_c * c + b_c * sb

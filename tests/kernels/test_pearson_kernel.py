@@ -7,12 +7,23 @@ block sizes are forced small so that odd shapes cross block boundaries.
 from __future__ import annotations
 
 import logging
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from pcc_dist.kernels.pearson import pearson_triton
+from pcc_dist.kernels.pearson import (
+    FP32_COSINE_MIN_REL_SPREAD,
+    FP32_COSINE_REL_ROUNDING,
+    CosinePrecisionWarning,
+    pearson_triton,
+)
 from pcc_dist.losses import PearsonLoss, pearson_reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _near_cosines import gradient_error, near_cosine_pairs, relative_spread  # noqa: E402
 
 RTOL = 1e-5
 
@@ -118,6 +129,32 @@ def test_zero_variance_matches_reference_policy(constant):
         out, grads = _run(pearson_triton, a, b, scores, block_b=4, block_d=16)
     assert out.loss.item() == 1.0 and out.r.item() == 0.0
     assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.parametrize("rel_spread", [1e-3, 1e-4])
+def test_fp32_cosine_error_is_bounded_above_the_warning_threshold(rel_spread):
+    # The kernel's fp32 cosines cost r and the gradient ~FP32_COSINE_REL_ROUNDING / (σx/|x̄|)
+    # against a float64 oracle: measured 8e-5 and 1e-3 here, within the 2× margin of the bound.
+    a, b, y = near_cosine_pairs(64, 64, rel_spread, seed=14)
+    spread = relative_spread(a, b)
+    assert spread > FP32_COSINE_MIN_REL_SPREAD
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CosinePrecisionWarning)
+        _, grad_error = gradient_error(pearson_triton, a, b, y)
+    assert 0 < grad_error <= 2 * FP32_COSINE_REL_ROUNDING / spread
+
+
+@pytest.mark.parametrize("rel_spread", [1e-5, 1.5e-6])
+def test_nearly_equal_cosines_warn_with_the_spread_the_error_and_the_fix(rel_spread):
+    # Between the warning threshold (1.2e-5) and the zero-variance guard (1e-6) the fp32 error
+    # is 1-8 %: the kernel says so, and its estimate bounds the measured error (2× margin).
+    a, b, y = near_cosine_pairs(64, 64, rel_spread, seed=14)
+    spread = relative_spread(a, b)
+    with pytest.warns(CosinePrecisionWarning,
+                      match=r"σx/\|x̄\| ≈ \d+e-0[56].*off by ~\d+%.*loss\.kernel=torch"):
+        _, grad_error = gradient_error(pearson_triton, a, b, y)
+    assert grad_error <= 2 * FP32_COSINE_REL_ROUNDING / spread
+    assert grad_error > 1e-3  # the warning is about a real error, not a formality
 
 
 def test_two_pairs_give_perfect_correlation_and_zero_gradient():

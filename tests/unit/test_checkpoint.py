@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pcc_dist.checkpoint as checkpoint_module
+from pcc_dist import output_paths
 from pcc_dist.checkpoint import (
     COMPLETE_MARKER,
     CheckpointError,
@@ -113,14 +114,14 @@ def test_failure_to_prune_an_old_checkpoint_does_not_fail_the_save(tmp_path, mon
 def test_preflight_probes_with_a_unique_name_per_process(tmp_path, monkeypatch):
     """Ranks on several nodes probe one shared folder: no fixed (pid-only) name to collide."""
     names = []
-    real_mkstemp = checkpoint_module.tempfile.mkstemp
+    real_mkstemp = output_paths.tempfile.mkstemp
 
     def spy(*args, **kwargs):
         fd, path = real_mkstemp(*args, **kwargs)
         names.append(Path(path).name)
         return fd, path
 
-    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", spy)
+    monkeypatch.setattr(output_paths.tempfile, "mkstemp", spy)
     preflight_output_dir(tmp_path)
     preflight_output_dir(tmp_path)
     assert len(set(names)) == 2 and all(n.startswith(".write-probe-") for n in names)

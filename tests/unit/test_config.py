@@ -119,6 +119,10 @@ def test_all_problems_reported_at_once():
         (["train.max_consecutive_nonfinite=0"], "train.max_consecutive_nonfinite: got 0"),
         (["train.log_every_steps=0"], "train.log_every_steps: got 0; use 1 or more."),
         (["run.output_dir=''"], "run.output_dir: empty"),
+        (["data.score_range=[5, 0]"], "data.score_range: got [5.0, 0.0]; give [low, high] with "
+                                      "low < high"),
+        (["data.score_range=[0, 1, 2]"], "data.score_range: got [0.0, 1.0, 2.0]"),
+        (["data.score_range=[0, .inf]"], "data.score_range: got [0.0, inf]"),
     ],
 )
 def test_each_error_message(overrides, expected):
@@ -156,3 +160,90 @@ def test_validate_prints_resolved_config_and_exits_zero(capsys):
 def test_validate_reports_errors_with_exit_code_2(capsys):
     assert train_main(["--validate", "model.mod=lora"]) == 2
     assert "did you mean `model.mode`?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("override", "field", "value"), [
+    ("model.template=Query: {s}", "template", "Query: {s}"),  # YAML: {'Query': {'s': None}}
+    ("model.template=- {s}", "template", "- {s}"),  # YAML: a list
+    ("model.template=null", "template", None),
+    ("model.name_or_path=007", "name_or_path", "007"),  # YAML: the integer 7
+    ('model.name_or_path="a: b"', "name_or_path", "a: b"),  # quoted: YAML's reading
+])
+def test_text_fields_take_the_override_as_typed(override, field, value):
+    cfg = load_config(None, [override, "model.kind=decoder"])
+    assert getattr(cfg.model, field) == value
+
+
+def test_score_range_accepts_a_pair_of_numbers():
+    cfg = load_config(None, ["data.score_range=[0, 5]"])
+    assert cfg.data.score_range == [0.0, 5.0] and cfg.data.score_bounds == (0.0, 5.0)
+    assert load_config().data.score_bounds is None
+
+
+def test_problems_name_the_override_that_caused_them(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("stage2:\n  lr: -1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["model.lora={r: 0}", "modle.mode=lora", "stage1.lr=1e-4"])
+    header, *lines = str(info.value).splitlines()
+    assert header == f"3 configuration problem(s) in {path} and the command-line overrides:"
+    assert lines[0] == "  - stage2.lr: got -1.0; use a positive learning rate such as 5e-4."
+    assert sorted(lines[1:]) == [
+        "  - model.lora.r: got 0; use a positive rank such as 64. (from the command-line "
+        "override `model.lora={r: 0}`)",
+        "  - modle: unknown key; did you mean `model`? (from the command-line override "
+        "`modle.mode=lora`)"]  # and the valid stage1.lr override is blamed for nothing
+
+
+def test_header_names_only_the_overrides_when_the_file_is_fine(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("stage2:\n  lr: 1.0e-4\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["stage2.lr=-1"], labels={"stage2.lr=-1": "--lr -1"})
+    assert str(info.value).startswith("1 configuration problem(s) in the command-line overrides:")
+    assert info.value.problems[0].endswith("(from --lr -1)")
+
+
+def _alias_levels(levels: int) -> str:
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nrun:\n  name: *l{levels - 1}\n"
+
+
+def test_alias_bomb_is_refused_with_a_short_message(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_levels(9))  # 9^9 = 387M values from under 700 bytes
+    assert path.stat().st_size < 700
+    message = only_problem([], path)
+    assert len(message) < 300
+    assert message.startswith(f"--config {path}: refused: its anchors and aliases expand to "
+                              "more than 10,000 values")
+
+
+def test_moderate_anchors_and_merge_keys_still_load(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("stage1: &base {lr: 1.0e-4, warmup_steps: 7}\n"
+                    "stage2: {<<: *base, lr: 3.0e-4}\n"
+                    "model: {lora: {target_modules: [q_proj, v_proj]}}\n"
+                    "tracking: {experiment: &e pcc}\nrun: {name: *e}\n")
+    cfg = load_config(path)
+    assert (cfg.stage2.lr, cfg.stage2.warmup_steps) == (3e-4, 7)
+    assert (cfg.model.lora.target_modules, cfg.run.name) == (["q_proj", "v_proj"], "pcc")
+
+
+def test_recursive_alias_is_refused(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("eval:\n  tasks: &a [*a]\n")
+    assert "refers to the node that contains it" in only_problem([], path)
+
+
+def test_triton_kernel_without_cuda_is_a_config_error(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    problem = only_problem(["loss.kernel=triton"])
+    assert problem.startswith("loss.kernel: got 'triton'; kernel='triton' needs a CUDA GPU")
+    assert "Use kernel='auto' or kernel='torch'" in problem
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter (tests) stays allowed
+    assert load_config(None, ["loss.kernel=triton"]).loss.kernel == "triton"

@@ -485,10 +485,28 @@ def test_rescale_scores():
              ScoredPair("a", "b", 0.0, "stsb")]
     assert [p.score for p in rescale_scores(pairs)] == [1.0, 0.25, 0.0]
     assert rescale_scores(pairs, "none") == pairs
-    with pytest.raises(DataError, match="source 'mteb'"):
-        rescale_scores([ScoredPair("a", "b", 1.0, "mteb")])
     with pytest.raises(ValueError, match="rescale mode"):
         rescale_scores(pairs, "minmax")
+
+
+def test_rescale_unknown_source_by_declared_then_observed_range(caplog):
+    mine = [ScoredPair("a", "b", 2.0, "mine.csv"), ScoredPair("c", "d", 4.0, "mine.csv"),
+            ScoredPair("e", "f", 5.0, "stsb")]
+    # Declared: low -> 0, high -> 1; a known source keeps its own range.
+    assert [p.score for p in rescale_scores(mine, score_range=(0.0, 8.0))] == [0.25, 0.5, 1.0]
+    assert not caplog.records
+    # Not declared: the observed min and max of that source, with a warning saying so.
+    with caplog.at_level(logging.WARNING, logger="pcc_dist.data._core"):
+        assert [p.score for p in rescale_scores(mine)] == [0.0, 1.0, 1.0]
+    assert "source 'mine.csv' has no known score range" in caplog.text
+    assert "observed range [2, 4]" in caplog.text and "data.score_range" in caplog.text
+
+
+def test_rescale_refuses_a_source_with_one_score_value():
+    with pytest.raises(DataError, match=r"all 2 scores of source 'mine.csv' are 3: no "
+                                        r"similarity signal.*data.score_scaling=none"):
+        rescale_scores([ScoredPair("a", "b", 3.0, "mine.csv"), ScoredPair("c", "d", 3.0,
+                                                                           "mine.csv")])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,6 +584,23 @@ def test_load_training_set_detects_local_kind(tmp_path):
         load_training_set("stage2", tmp_path)
 
 
+def test_load_training_set_names_sourceless_rows_after_the_file(tmp_path):
+    path = write(tmp_path / "mine.csv", "sentence1,sentence2,score,source\na,b,4,\nc,d,1,stsb\n")
+    assert [p.source for p in load_training_set(str(path))] == ["mine.csv", "stsb"]
+    plain = write(tmp_path / "plain.jsonl", '{"sentence1": "a", "sentence2": "b", "score": 7}\n')
+    assert load_training_set(str(plain)) == [ScoredPair("a", "b", 7.0, "plain.jsonl")]
+
+
+def test_load_training_set_checks_the_declared_range_of_unknown_sources_only(tmp_path):
+    path = write(tmp_path / "mine.csv",
+                 "sentence1,sentence2,score,source\na,b,4.5,stsb\nc,d,0.5,\ne,f,250,\n")
+    with pytest.raises(DataError) as info:
+        load_training_set(str(path), score_range=(0.0, 1.0))
+    # Line 2 (stsb 4.5) is inside stsb's 0-5 although outside the declared [0, 1].
+    assert_located(info.value, path, 4, "score 250 in column 'score' is outside the allowed "
+                                        "range [0, 1]")
+
+
 # ---------------------------------------------------------------------------------------------
 # pcc-data check
 
@@ -588,6 +623,25 @@ def test_pcc_data_check_errors(tmp_path, capsys):
     assert data_main(["check", "--data-root", str(tmp_path / "nope")]) == 1
     assert "is not a folder" in capsys.readouterr().err
     assert data_main([]) == 2
+
+
+def test_pcc_data_check_refuses_what_stage2_scaling_would(tmp_path, capsys):
+    root = make_data_root(tmp_path / "root")
+    same = write(tmp_path / "same.csv", "sentence1,sentence2,score\na,b,3\nc,d,3\n")
+    assert data_main(["check", "--data-root", str(root), "--train", str(same)]) == 1
+    assert "all 2 scores of source 'same.csv' are 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--score-range", "5", "0"], "--score-range: got [5.0, 0.0]; give [low, high] with "
+                                  "low < high"),
+    (["--json", "FILE/x.json"], "is a file, not a folder"),
+])
+def test_pcc_data_check_usage_errors_before_any_work(tmp_path, capsys, args, needle):
+    blocker = write(tmp_path / "FILE", "")
+    args = [a.replace("FILE", str(blocker)) for a in args]
+    assert data_main(["check", "--data-root", str(tmp_path / "nope"), *args]) == 2
+    assert needle in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

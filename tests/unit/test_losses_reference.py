@@ -11,6 +11,8 @@ import logging
 import math
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +24,12 @@ from pcc_dist.losses import (
     PearsonOutput,
     infonce_reference,
     pearson_reference,
+    reference,
 )
 from pcc_dist.losses.reference import local_moment_sums, pearson_global_stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _near_cosines import gradient_error, near_cosine_pairs, relative_spread  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # Naive oracles: the textbook formulas through plain autograd (materialised, not distributed).
@@ -145,6 +151,35 @@ def test_pearson_float64_sums_survive_cancellation():
     var_y = (y * y).sum() / n - m_y * m_y
     r_fp32 = (((x * y).sum() / n - m_x * m_y) / torch.sqrt(var_x * var_y)).item()
     assert not math.isfinite(r_fp32) or abs(r_fp32 - r_exact) > 1e-3
+
+
+def _fp32_cosines(a, b, eps):
+    """What the reference computed before issue #19: cosines in fp32 (the negative control)."""
+    na, nb = torch.linalg.vector_norm(a, dim=1), torch.linalg.vector_norm(b, dim=1)
+    x = torch.linalg.vecdot(a, b) / (na.clamp_min(eps) * nb.clamp_min(eps))
+    return x.double(), na.double(), nb.double()
+
+
+@pytest.mark.parametrize("rel_spread", [1e-5, 1.5e-6])
+def test_pearson_nearly_equal_fp32_cosines_keep_an_exact_gradient(rel_spread):
+    # σx/|x̄| between the 1e-6 zero-variance guard and 1e-4: float64 cosines keep r and the
+    # gradient of fp32 inputs at the fp32 output's own rounding (measured 2e-8 and 1.6e-7).
+    a, b, y = near_cosine_pairs(256, 256, rel_spread, seed=13)
+    assert relative_spread(a, b) == pytest.approx(rel_spread, rel=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exact, so nothing to warn about
+        r_error, grad_error = gradient_error(pearson_reference, a, b, y)
+    assert r_error < 1e-7
+    assert grad_error < 1e-6
+
+
+@pytest.mark.parametrize(("rel_spread", "at_least"), [(1e-5, 5e-3), (1.5e-6, 3e-2)])
+def test_pearson_fp32_cosines_would_degrade_the_gradient(monkeypatch, rel_spread, at_least):
+    # Negative control: the same comparison with fp32 cosines fails (measured 1.2 % and 8 %).
+    monkeypatch.setattr(reference, "_float64_cosines", _fp32_cosines)
+    a, b, y = near_cosine_pairs(256, 256, rel_spread, seed=13)
+    _, grad_error = gradient_error(pearson_reference, a, b, y)
+    assert grad_error > at_least
 
 
 def test_pearson_needs_two_pairs():
