@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pcc_dist.data._core import STS7_TASKS, DataError, ScoredPair, StsTask, Triplet, check_policy
 from pcc_dist.data.readers import (
+    PAIR_ROLES,
     is_triplet_table,
     pair_columns,
     pairs_from_table,
@@ -27,7 +28,7 @@ from pcc_dist.data.readers import (
     read_stsb,
     triplets_from_table,
 )
-from pcc_dist.data.tables import load_table
+from pcc_dist.data.tables import Table, load_table
 
 logger = logging.getLogger(__name__)
 
@@ -201,11 +202,21 @@ def load_training_set(spec: str, root: Path | None = None, *, on_bad_row: str = 
             return _named_sources(read_pairs(spec, on_bad_row=on_bad_row,
                                              score_range=score_range), spec)
     table = load_table(path)
-    first = next((record for _, record in table.rows if isinstance(record, dict)), None)
-    if is_triplet_table(table.columns, first):
+    if is_triplet_table(table.columns, _deciding_record(table)):
         return triplets_from_table(table, on_bad_row)
     pairs = pairs_from_table(table, pair_columns(None), on_bad_row, score_range)
     return _named_sources(pairs, path.name)
+
+
+def _deciding_record(table: Table) -> dict | None:
+    """The first jsonl record that names both sentence columns of a kind (triplets ``sent0`` and
+    ``sent1``, pairs ``sentence1`` and ``sentence2``), else the first record: a bad first row
+    (a missing column, skipped under ``on_bad_row=skip``) must not decide the kind of the file."""
+    records = [record for _, record in table.rows if isinstance(record, dict)]
+    for record in records:
+        if is_triplet_table(None, record) or set(PAIR_ROLES[:2]) <= record.keys():
+            return record
+    return records[0] if records else None
 
 
 def _named_sources(pairs: list[ScoredPair], name: str) -> list[ScoredPair]:

@@ -696,3 +696,15 @@ def test_package_exports_public_names():
                  "rescale_scores"):
         assert hasattr(data, name), name
     assert issubclass(DataError, ValueError)
+
+
+def test_a_bad_first_jsonl_row_does_not_decide_the_kind_of_the_file(tmp_path):
+    """Found by the hostile-input property under load: a triplet file whose first row lacks
+    ``sent0`` was read as scored pairs, so skip mode refused every row."""
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"sent1": "0", "hard_neg": "0"}\n'
+                    '{"sent0": "a", "sent1": "b", "hard_neg": "c"}\n')
+    assert load_training_set(str(path), on_bad_row="skip") == [Triplet("a", "b", "c")]
+    with pytest.raises(DataError) as caught:
+        load_training_set(str(path))
+    assert caught.value.line == 1 and "sent0" in str(caught.value)
