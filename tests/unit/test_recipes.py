@@ -7,7 +7,7 @@ import yaml
 
 from pcc_dist.cli import train_main
 from pcc_dist.config import load_config
-from pcc_dist.engine import resolve_ds_config
+from pcc_dist.ds_config import resolve_ds_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "launchers" / "configs").glob("*.yaml"))
 
