@@ -32,7 +32,7 @@ from torch import nn
 
 from pcc_dist.config import PccConfig, StageSettings
 from pcc_dist.distributed import free_port
-from pcc_dist.ds_config import resolve_ds_config
+from pcc_dist.ds_config import import_deepspeed, resolve_ds_config
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +77,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def _import_deepspeed() -> Any:
-    try:
-        import deepspeed
-    except ImportError as exc:
-        raise ImportError(
-            "the training engine needs DeepSpeed: pip install 'deepspeed>=0.16,<0.20' "
-            "(a core dependency of pcc-dist; reinstall with `pip install -e .`)") from exc
-    return deepspeed
-
-
 def init_distributed() -> DistInfo:
     """Start the process group, or return the one already running.
 
@@ -100,7 +90,7 @@ def init_distributed() -> DistInfo:
     """
     import torch.distributed as dist
 
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -588,7 +578,7 @@ class TrainEngine:
     def _set_full(self, param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:
         """Write a whole tensor into this rank's partition of the fp32 master weight (key None)
         or of an Adam moment, and for the weight also into the module's own copy."""
-        deepspeed = _import_deepspeed()
+        deepspeed = import_deepspeed()
         opt = self._ds.optimizer
         flat = value.detach().float().flatten()
         if hasattr(param, "ds_id"):
@@ -627,7 +617,7 @@ class TrainEngine:
         Returns:
             ``{state_dict key: CPU tensor}`` on rank 0; ``{}`` on other ranks.
         """
-        deepspeed = _import_deepspeed()
+        deepspeed = import_deepspeed()
         if trainable_only is None:
             trainable_only = self._has_frozen
         out: dict[str, torch.Tensor] = {}
@@ -742,7 +732,7 @@ def build_engine(model: nn.Module, cfg: PccConfig, stage: StageSettings,
     info = init_distributed()
     ds_config = _single_rank_zero3(resolve_ds_config(cfg, stage, info.world_size),
                                    info.world_size)
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     optimizer = _build_optimizer(model, cfg, stage, ds_config)
     factor = WarmupDecay(stage.warmup_steps, total_steps, stage.schedule)
 

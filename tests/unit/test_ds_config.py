@@ -169,7 +169,7 @@ def test_precision_section_must_be_an_object(tmp_path):
     path = _write(tmp_path, {"bf16": True})
     cfg = _cfg(f"train.deepspeed_config={path}")
     (problem,) = _problems(cfg)
-    assert "\"bf16\" must be an object like {\"enabled\": \"auto\"}, got True" in problem
+    assert "\"bf16\" must be an object like {\"enabled\": \"auto\"}, got true" in problem
 
 
 def test_settings_that_disable_the_nonfinite_guard(tmp_path):
@@ -213,3 +213,136 @@ def test_builtin_configs_are_found_where_a_wheel_installs_them(tmp_path, monkeyp
     (share / "zero2.json").unlink()
     with pytest.raises(ConfigError, match="'zero2' not found"):
         find_ds_config("zero2")
+
+
+# -- keys and values DeepSpeed would ignore or refuse ----------------------------------------
+
+
+def test_misspelt_top_level_key_is_named_with_a_suggestion(tmp_path):
+    path = _write(tmp_path, {"zero_optimisation": {"stage": 3}})
+    (problem,) = _problems(_cfg(f"train.deepspeed_config={path}"))
+    assert problem.startswith(f"{path}: unknown key \"zero_optimisation\"; did you mean "
+                              "\"zero_optimization\"?")
+    assert "would have no effect" in problem
+
+
+def test_unknown_key_without_a_close_match_points_at_deepspeeds_key_list(tmp_path):
+    path = _write(tmp_path, {"qqq": 1})
+    (problem,) = _problems(_cfg(f"train.deepspeed_config={path}"))
+    assert "unknown key \"qqq\"" in problem and "deepspeed.ai/docs/config-json" in problem
+
+
+@pytest.mark.parametrize("stage", [7, -1, True, "3", 2.5, None])
+def test_zero_stage_outside_0_to_3(tmp_path, stage):
+    path = _write(tmp_path, {"zero_optimization": {"stage": stage}})
+    (problem,) = _problems(_cfg(f"train.deepspeed_config={path}"))
+    assert problem.startswith(f"{path}: \"zero_optimization.stage\" is {json.dumps(stage)}; "
+                              "allowed values: 0, 1, 2, 3")
+
+
+@pytest.mark.parametrize("key, suggestion", [
+    ("overlap_com", "zero_optimization.overlap_comm"),
+    ("stage3_param_persistance_threshold", "zero_optimization.stage3_param_persistence_threshold"),
+    ("strict", None),  # a parameter name of DeepSpeed's model __init__, still an unknown key
+])
+def test_misspelt_zero_key(tmp_path, key, suggestion):
+    path = _write(tmp_path, {"zero_optimization": {"stage": 3, key: True}})
+    (problem,) = _problems(_cfg(f"train.deepspeed_config={path}"))
+    assert problem.startswith(f"{path}: unknown key \"zero_optimization.{key}\"")
+    if suggestion:
+        assert f"did you mean \"{suggestion}\"?" in problem
+
+
+def test_nested_zero_sections_use_deepspeeds_models(tmp_path):
+    path = _write(tmp_path, {"zero_optimization": {
+        "stage": 3, "offload_param": {"devic": "cpu"}, "offload_optimizer": {"device": "gpu"},
+        "reduce_bucket_size": "big"}})
+    problems = _problems(_cfg(f"train.deepspeed_config={path}"))
+    assert len(problems) == 3
+    assert any("unknown key \"zero_optimization.offload_param.devic\"; did you mean "
+               "\"zero_optimization.offload_param.device\"?" in p for p in problems)
+    assert any("\"zero_optimization.offload_optimizer.device\" is \"gpu\": Input should be "
+               "'none', 'cpu' or 'nvme'" in p for p in problems)
+    assert any("\"zero_optimization.reduce_bucket_size\" is \"big\"" in p for p in problems)
+
+
+def test_precision_sections_use_deepspeeds_models(tmp_path):
+    path = _write(tmp_path, {"bf16": {"enabled": "auto", "check_grad_overflw": True},
+                             "fp16": {"enabled": "auto", "loss_scale": -1}})
+    problems = _problems(_cfg(f"train.deepspeed_config={path}"))
+    assert any("did you mean \"bf16.check_grad_overflow\"?" in p for p in problems)
+    assert any("\"fp16.loss_scale\" is -1" in p and "must be >= 0" in p for p in problems)
+
+
+def test_zero_section_must_be_an_object(tmp_path):
+    path = _write(tmp_path, {"zero_optimization": True})
+    (problem,) = _problems(_cfg(f"train.deepspeed_config={path}"))
+    assert "\"zero_optimization\" must be an object like {\"stage\": 3}, got true" in problem
+
+
+def test_both_spellings_of_bf16(tmp_path):
+    path = _write(tmp_path, {"bf16": {"enabled": "auto"}, "bfloat16": {"enabled": True}})
+    (problem,) = _problems(_cfg(f"train.deepspeed_config={path}"))
+    assert "has both \"bf16\" and its older spelling \"bfloat16\"" in problem
+
+
+def test_malformed_json_names_line_and_column(tmp_path):
+    path = _write(tmp_path, '{\n  "zero_optimization": {"stage": 3,},\n}')
+    (problem,) = _problems(_cfg(f"train.deepspeed_config={path}"))
+    assert problem.startswith(f"train.deepspeed_config: {path} is not valid JSON: ")
+    assert "at line 2, column 36" in problem and "trailing comma" in problem
+
+
+def test_repeated_key_is_refused(tmp_path):
+    path = _write(tmp_path, '{"zero_optimization": {"stage": 3}, "zero_optimization": {}}')
+    (problem,) = _problems(_cfg(f"train.deepspeed_config={path}"))
+    assert "key \"zero_optimization\" appears twice" in problem and str(path) in problem
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"\xff\xfe{}", "not UTF-8"),
+    ("[" * 100_000 + "]" * 100_000, "nesting too deep"),
+    ('{"train_batch_size": ' + "9" * 5000 + "}", "cannot be loaded"),
+])
+def test_unloadable_json_is_a_problem_not_a_crash(tmp_path, payload, reason):
+    path = tmp_path / "ds.json"
+    path.write_bytes(payload if isinstance(payload, bytes) else payload.encode())
+    (problem,) = _problems(_cfg(f"train.deepspeed_config={path}"))
+    assert str(path) in problem and reason in problem
+
+
+def test_value_beyond_float_range_is_a_conflict_not_a_crash(tmp_path):
+    path = _write(tmp_path, {"gradient_clipping": 10**400})
+    (problem,) = _problems(_cfg(f"train.deepspeed_config={path}"))
+    assert "\"gradient_clipping\" is 1000" in problem and "..." in problem
+
+
+def test_our_key_list_covers_every_key_deepspeed_reads():
+    """DEEPSPEED_KEYS against the installed DeepSpeed: every top-level key its config parser
+    looks up (recorded by handing it a dict that logs lookups) is known to us, unless this
+    DeepSpeed has removed it; and none of ours is one it refuses as removed."""
+    from deepspeed.runtime import config as ds_runtime_config
+
+    from pcc_dist.ds_config import DEEPSPEED_KEYS
+
+    looked_up: set[str] = set()
+
+    class Recording(dict):
+        def get(self, key, *default):
+            looked_up.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            looked_up.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            looked_up.add(key)
+            return super().__contains__(key)
+
+    ds_runtime_config.DeepSpeedConfig(Recording(
+        train_batch_size=2, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1))
+    removed = set(getattr(ds_runtime_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}))
+    assert len(looked_up) > 40, "the recording dict saw too few lookups to mean anything"
+    assert looked_up - removed <= DEEPSPEED_KEYS
+    assert not DEEPSPEED_KEYS & removed
