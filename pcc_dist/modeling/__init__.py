@@ -44,6 +44,9 @@ Modules (each with one job; everything is re-exported here):
 * ``lora``: :func:`lora_target_modules`, the peft config, the frozen 4-bit base.
 * ``embedder``: the :class:`Embedder` (prompting, truncation, padding, encode).
 * ``run_folder``: :func:`run_metadata`, :func:`read_run_config`, :func:`save_embedder`.
+* ``plan``: :func:`plan_model`, every check ``load_embedder`` makes before reading weights (model
+  source, ``config.json``, encoder or decoder, options that fit it); ``pcc-train --validate``
+  runs it too.
 * ``loading``: :func:`load_embedder`, :func:`load_embedder_from_run`.
 """
 
@@ -55,6 +58,7 @@ from pcc_dist.modeling.backbone import _load_backbone as _load_backbone
 from pcc_dist.modeling.embedder import Embedder
 from pcc_dist.modeling.loading import QUANTIZATION_CHOICES, load_embedder, load_embedder_from_run
 from pcc_dist.modeling.lora import lora_target_modules
+from pcc_dist.modeling.plan import ModelPlan, plan_model
 from pcc_dist.modeling.pooling import KINDS, POOLINGS, infer_kind, pool, resolve_pooling
 from pcc_dist.modeling.run_folder import (
     ADAPTER_DIR,
@@ -80,6 +84,7 @@ __all__ = [
     "KINDS",
     "MODES",
     "ModelError",
+    "ModelPlan",
     "POOLINGS",
     "QUANTIZATION_CHOICES",
     "QUANT_STORAGE",
@@ -91,6 +96,7 @@ __all__ = [
     "load_embedder",
     "load_embedder_from_run",
     "lora_target_modules",
+    "plan_model",
     "pool",
     "read_run_config",
     "resolve_model_source",

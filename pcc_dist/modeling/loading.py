@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from pcc_dist.modeling._core import (
-    _BNB_HINT,
     _PEFT_HINT,
     DTYPES,
     ModelError,
@@ -23,8 +22,8 @@ from pcc_dist.modeling.attention import choose_attn_implementation
 from pcc_dist.modeling.backbone import _enable_checkpointing, _load_backbone, _load_tokenizer
 from pcc_dist.modeling.embedder import Embedder
 from pcc_dist.modeling.lora import _lora_config, _prepare_for_kbit, lora_target_modules
-from pcc_dist.modeling.pooling import infer_kind, resolve_pooling
-from pcc_dist.modeling.run_folder import ADAPTER_DIR, RUN_CONFIG_NAME, read_run_config
+from pcc_dist.modeling.plan import plan_model
+from pcc_dist.modeling.run_folder import ADAPTER_DIR, read_run_config
 from pcc_dist.modeling.settings import _Settings
 from pcc_dist.modeling.sources import ALIAS_MINILM, ALIAS_SMOLLM2, resolve_model_source
 from pcc_dist.modeling.templates import resolve_template
@@ -86,29 +85,13 @@ def load_embedder(cfg: Any, *, for_training: bool = False) -> Embedder:
     Raises:
         ModelError: any setting that cannot work, before weights are read where possible.
     """
-    s = _Settings.from_config(cfg)
-    source, gguf_file = resolve_model_source(s.name_or_path, s.gguf_file)
-    if gguf_file is None and (Path(source) / RUN_CONFIG_NAME).is_file():
+    plan = plan_model(cfg)
+    s, source, gguf_file, kind = plan.settings, plan.source, plan.gguf_file, plan.kind
+    if plan.run_meta is not None:
         return _load_run(
             Path(source), for_training=for_training, quantization="as_trained", cfg_settings=s
         )
-
-    from transformers import AutoConfig
-
-    config_kwargs: dict[str, Any] = {"trust_remote_code": s.trust_remote_code}
-    if gguf_file is not None:
-        config_kwargs["gguf_file"] = gguf_file
-    hf_config = AutoConfig.from_pretrained(source, **config_kwargs)
-    kind = infer_kind(hf_config) if s.kind == "auto" else s.kind
-    pooling = resolve_pooling(s.pooling, kind)
-    resolve_template(s.template, kind)
-    if s.mode == "qlora":
-        _import_or_error("bitsandbytes", "model.mode", s.mode, _BNB_HINT)
-    if s.mode != "full":
-        _import_or_error("peft", "model.mode", s.mode, _PEFT_HINT)
-    attn = choose_attn_implementation(s.attn_implementation, DTYPES[s.dtype])
-
-    backbone = _load_backbone(source, gguf_file, s, quantize=s.mode == "qlora", attn=attn)
+    backbone = _load_backbone(source, gguf_file, s, quantize=s.mode == "qlora", attn=plan.attn)
     tokenizer = _load_tokenizer(source, gguf_file, s.trust_remote_code)
     targets = None
     if s.mode != "full":
@@ -125,7 +108,7 @@ def load_embedder(cfg: Any, *, for_training: bool = False) -> Embedder:
         backbone,
         tokenizer,
         kind=kind,
-        pooling=pooling,
+        pooling=plan.pooling,
         template=s.template,
         max_length=s.max_length,
         spec=_spec(s, source, gguf_file, kind, targets),

@@ -23,22 +23,38 @@ logger = logging.getLogger(__name__)
 RUN_CONFIG_NAME = "pcc_embedder.json"
 ADAPTER_DIR = "adapter"
 RUN_FORMAT_VERSION = 1
+# Fields of pcc_embedder.json that loading a run folder reads.
+_RUN_FIELDS = ("kind", "pooling", "template", "max_length", "mode")
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``pcc_embedder.json``."""
+    """Read and check ``pcc_embedder.json``.
+
+    Raises:
+        ModelError: the file is missing, not a JSON object, of another format version, or lacks
+            a field the loader needs (a LoRA run also needs ``base_model.name_or_path``).
+    """
     path = Path(run_dir) / RUN_CONFIG_NAME
     if not path.is_file():
         raise ModelError(
             f"run folder {Path(run_dir).resolve()} has no {RUN_CONFIG_NAME}; is it a pcc_dist "
             "run or export?"
         )
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    version = meta.get("format_version")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ModelError(f"{path} is not valid JSON ({exc}); the run folder is damaged.") from exc
+    version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != RUN_FORMAT_VERSION:
         raise ModelError(
             f"{path}: format_version={version!r}; this pcc_dist reads version {RUN_FORMAT_VERSION}."
         )
+    missing = [key for key in _RUN_FIELDS if key not in meta]
+    base = meta.get("base_model")
+    if meta.get("mode") != "full" and not (isinstance(base, dict) and base.get("name_or_path")):
+        missing.append("base_model.name_or_path")
+    if missing:
+        raise ModelError(f"{path} lacks {', '.join(missing)}; the run folder is damaged.")
     return meta
 
 
