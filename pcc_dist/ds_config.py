@@ -74,6 +74,9 @@ _SECTION_MODELS = {
     "fp16": ("deepspeed.runtime.precision_config", "DeepSpeedFP16Config"),
 }
 _KEYS_DOC = "https://www.deepspeed.ai/docs/config-json/"
+# Section keys pcc_dist checks itself, more strictly than DeepSpeed's models (the stage) or
+# against the TrainConfig (the precision flags): their pydantic errors would repeat ours.
+_OUR_CHECKS = frozenset({"zero_optimization.stage", "bf16.enabled", "fp16.enabled"})
 
 
 def import_deepspeed() -> Any:
@@ -295,10 +298,8 @@ def _deepspeed_problems(ds: dict[str, Any], path: Path) -> list[str]:
             # would otherwise be taken for that parameter.
             model(**{key: item for key, item in value.items() if key in known})
         except ValidationError as exc:
-            # The ZeRO stage has a stricter check of its own (_section_problems).
             problems += [_pydantic_problem(path, section, model, error) for error in exc.errors()
-                         if (section, tuple(error["loc"][:1])) != ("zero_optimization",
-                                                                   ("stage",))]
+                         if ".".join([section, *map(str, error["loc"][:1])]) not in _OUR_CHECKS]
     return problems
 
 
