@@ -191,6 +191,7 @@ def _show(value: Any) -> str:
 
 
 def _did_you_mean(key: str, known: set[str] | frozenset[str], prefix: str = "") -> str:
+    """The closest known key as a suggestion, else where DeepSpeed lists its keys."""
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
     if close:
         return f"did you mean \"{prefix}{close[0]}\"?"
