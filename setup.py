@@ -60,7 +60,7 @@ setup(
     packages=find_packages(include=["pcc_dist", "pcc_dist.*"]) + ["pcc_dist.kernels"],
     package_dir={"pcc_dist.kernels": "kernels"},
     # The built-in DeepSpeed configs (train.deepspeed_config=zero3|zero3_offload|zero2) for a
-    # wheel install; pcc_dist.engine.find_ds_config looks there after the repository folder.
+    # wheel install; pcc_dist.ds_config.find_ds_config looks there after the repository folder.
     data_files=[("share/pcc_dist/ds_configs",
                  sorted(str(path) for path in Path("ds_configs").glob("*.json")))],
     install_requires=CORE,

@@ -140,22 +140,34 @@ def _free_mib(folder: Path) -> str:
         return "?"
 
 
-def preflight_output_dir(folder: Path, min_free_bytes: int = 64 * 2**20) -> None:
+def preflight_output_dir(folder: Path, min_free_bytes: int = 64 * 2**20, *,
+                         create: bool = True) -> None:
     """Fail before training if ``folder`` cannot hold checkpoints.
+
+    Args:
+        folder: The run folder (``run.output_dir``).
+        min_free_bytes: Free space a checkpoint needs at least.
+        create: Make the folder, as a run does. False (``pcc-train --validate``) probes the
+            nearest folder on its path that exists instead, and leaves the disk as it was.
 
     Raises:
         CheckpointError: the folder cannot be created or written, or has less than
             ``min_free_bytes`` free.
     """
+    probed = folder
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            probed = next(p for p in (folder.absolute(), *folder.absolute().parents)
+                          if p.exists())
         # Every rank probes, on one shared file system across nodes: a unique name each.
-        probe_writable(folder)
+        probe_writable(probed)
     except OSError as exc:
         raise CheckpointError(
             f"output folder {folder} is not writable ({exc.strerror or exc}); choose another "
             "run.output_dir or fix its permissions.") from exc
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(probed).free
     if free < min_free_bytes:
         raise CheckpointError(
             f"output folder {folder} has {free / 2**20:.0f} MiB free, less than the "

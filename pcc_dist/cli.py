@@ -8,6 +8,7 @@ only after the arguments are known to be valid.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import warnings
@@ -25,7 +26,9 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML recipe (see launchers/configs/).")
     parser.add_argument("--validate", action="store_true",
-                        help="print the resolved config and exit 0; starts no process group and "
+                        help="check the config, the DeepSpeed JSON, the data, the model folder "
+                             "and the output folder, print the resolved config and exit 0 (2 "
+                             "and every problem found otherwise); starts no process group and "
                              "loads no weights.")
     # The `deepspeed` launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -41,6 +44,24 @@ def resolve_config(config_path: str | None, overrides: list[str]) -> PccConfig |
     except ConfigError as exc:
         print(f"pcc-train: {exc}", file=sys.stderr)
         return None
+
+
+def validate(cfg: PccConfig, config_path: str | None) -> int:
+    """``--validate``: run :func:`pcc_dist.preflight.preflight`; print the resolved config (stdout)
+    and what was checked (stderr), or every problem found (stderr) with exit code 2."""
+    from pcc_dist.preflight import preflight
+
+    # DeepSpeed logs to stdout (its accelerator notice, deprecated keys); stdout is for the YAML.
+    with contextlib.redirect_stdout(sys.stderr):
+        report = preflight(cfg)
+    if report.problems:
+        print(f"pcc-train: {ConfigError(report.problems, source=config_path)}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(cfg.to_yaml(), end="")
+    for line in report.checked:
+        print(f"# {line}", file=sys.stderr)
+    print("# config OK", file=sys.stderr)
+    return 0
 
 
 def configure_logging() -> None:
@@ -66,9 +87,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return EXIT_CONFIG_ERROR
     if args.validate:
-        print(cfg.to_yaml(), end="")
-        print("# config OK", file=sys.stderr)
-        return 0
+        return validate(cfg, args.config)
     configure_logging()
     from pcc_dist.checkpoint import CheckpointError
     from pcc_dist.data import DataError

@@ -597,6 +597,45 @@ def read_yaml(path: str | Path, problems: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+# Why a pooling does not fit a decoder (the sentence after "decoders embed with the last token").
+_DECODER_POOLING_WHY = {
+    "cls": "A causal model's first token attends only to itself, so its state is the same for "
+           "every sentence.",
+    "mean": "In a causal model only the last token has read the whole prompt; a mean mixes in "
+            "states that saw only its beginning.",
+}
+
+
+def model_fit_problems(kind: str, pooling: str, template: str | None, why: str) -> list[str]:
+    """Pooling and template options that do not fit an encoder or a decoder, one line each.
+
+    Decoders embed a prompt with the hidden state of its last token; encoders pool (mean or
+    [CLS]) without a prompt. ``pooling="auto"`` and ``template=None`` always fit.
+
+    Args:
+        kind: ``"encoder"`` or ``"decoder"``.
+        pooling: ``model.pooling``.
+        template: ``model.template``.
+        why: How the kind is known, for the messages: ``"model.kind='encoder'"``, or the model
+            type and the file it was read from.
+
+    Returns:
+        The problems; empty when the options fit.
+    """
+    problems = []
+    if kind == "encoder" and template is not None:
+        problems.append(f"model.template: got {template!r} with {why}; prompt templates are for "
+                        "decoder LLMs, set model.template=null.")
+    if kind == "encoder" and pooling == "last":
+        problems.append(f"model.pooling: 'last' with {why}; use 'mean' or 'cls'. An encoder's "
+                        "last real token is its [SEP] separator, which it is not trained to "
+                        "summarise into.")
+    if kind == "decoder" and pooling in _DECODER_POOLING_WHY:
+        problems.append(f"model.pooling: {pooling!r} with {why}; decoders embed with the last "
+                        f"token, use 'last' or 'auto'. {_DECODER_POOLING_WHY[pooling]}")
+    return problems
+
+
 def _check_stage(name: str, s: StageSettings, problems: list[str]) -> None:
     def bad(key: str, value: Any, fix: str) -> None:
         problems.append(f"{name}.{key}: got {value!r}; {fix}")
@@ -680,14 +719,10 @@ def _check(cfg: PccConfig, problems: list[str]) -> None:
         hint = f"did you mean {close[0]!r}? " if close else ""
         problems.append(f"model.template: got {m.template!r}; {hint}use one of "
                         f"{', '.join(PROMPT_NAMES)} or a custom string containing {{s}}.")
-    if m.kind == "encoder" and m.template is not None:
-        problems.append(f"model.template: got {m.template!r} with model.kind='encoder'; prompt "
-                        "templates are for decoder LLMs, set model.template=null.")
-    if m.kind == "encoder" and m.pooling == "last":
-        problems.append("model.pooling: 'last' with model.kind='encoder'; use 'mean' or 'cls'.")
-    if m.kind == "decoder" and m.pooling in ("mean", "cls"):
-        problems.append(f"model.pooling: {m.pooling!r} with model.kind='decoder'; decoders embed "
-                        "with the last token, use 'last' or 'auto'.")
+    if m.kind != "auto":
+        # With model.kind='auto' the kind is known only from the model's config.json; the
+        # modeling layer applies the same rule there (pcc_dist.modeling.plan_model).
+        problems += model_fit_problems(m.kind, m.pooling, m.template, f"model.kind={m.kind!r}")
     if m.lora.r <= 0:
         problems.append(f"model.lora.r: got {m.lora.r}; use a positive rank such as 64.")
     if m.lora.alpha <= 0:

@@ -82,6 +82,30 @@ def _barrier(world_size: int):
     return torch.distributed.barrier
 
 
+def read_stage_examples(cfg: PccConfig, name: str, data_root: Path) -> list:
+    """The training set of stage ``name``, checked for the examples that stage trains on.
+
+    Args:
+        cfg: The resolved config (``<stage>.data``, ``data.on_bad_row``).
+        name: ``"stage1"`` (InfoNCE: triplets) or ``"stage2"`` (Pcc: scored pairs).
+        data_root: Resolved data folder, for the built-in sets.
+
+    Raises:
+        DataError: missing data, or a bad row with ``data.on_bad_row=error``.
+        TrainingError: the set holds the other kind of example.
+    """
+    spec = getattr(cfg, name).data
+    examples = load_training_set(spec, data_root, on_bad_row=cfg.data.on_bad_row,
+                                 score_range=cfg.data.score_bounds)
+    if name == "stage1" and not all(isinstance(e, Triplet) for e in examples):
+        raise TrainingError(f"stage1.data={spec!r} is not a triplet set "
+                            "(sent0,sent1[,hard_neg]); stage 1 trains InfoNCE on triplets.")
+    if name == "stage2" and not all(isinstance(e, ScoredPair) for e in examples):
+        raise TrainingError(f"stage2.data={spec!r} holds no scored pairs; "
+                            "stage 2 trains on (sentence1, sentence2, score).")
+    return examples
+
+
 class StageRunner:
     """Runs one training stage on every rank.
 
@@ -109,22 +133,14 @@ class StageRunner:
 
     # -- step 1: data ---------------------------------------------------------------------
     def load_examples(self) -> tuple[list, dict[str, Any] | None]:
-        examples = load_training_set(self.stage.data, self.data_root,
-                                     on_bad_row=self.cfg.data.on_bad_row,
-                                     score_range=self.cfg.data.score_bounds)
+        examples = read_stage_examples(self.cfg, self.name, self.data_root)
         report = None
         if self.test_tasks is not None:
             examples, contamination = decontaminate(examples, self.test_tasks)
             report = contamination.to_dict()
             logger.info("%s: de-contamination removed %s (kept %d of %d)", self.name,
                         contamination.removed_per_source, contamination.kept, contamination.total)
-        if self.name == "stage1" and not all(isinstance(e, Triplet) for e in examples):
-            raise TrainingError(f"stage1.data={self.stage.data!r} is not a triplet set "
-                                "(sent0,sent1[,hard_neg]); stage 1 trains InfoNCE on triplets.")
         if self.name == "stage2":
-            if not all(isinstance(e, ScoredPair) for e in examples):
-                raise TrainingError(f"stage2.data={self.stage.data!r} holds no scored pairs; "
-                                    "stage 2 trains on (sentence1, sentence2, score).")
             examples = rescale_scores(examples, self.cfg.data.score_scaling,
                                       self.cfg.data.score_bounds)
         self._require_one_global_batch(len(examples), report)

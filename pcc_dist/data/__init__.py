@@ -25,6 +25,7 @@ from pcc_dist.data._core import (
 )
 from pcc_dist.data.decontamination import DecontaminationReport, decontaminate, normalise_text
 from pcc_dist.data.readers import (
+    is_hub_id,
     read_nli_triplets,
     read_pairs,
     read_senteval_sts,
@@ -49,6 +50,7 @@ __all__ = [
     "StsTask",
     "Triplet",
     "decontaminate",
+    "is_hub_id",
     "load_sts7",
     "load_sts_task",
     "load_training_set",

@@ -362,7 +362,7 @@ def read_pairs(path_or_hub_id: str, *, on_bad_row: str = "error",
     path = Path(path_or_hub_id).expanduser()
     if path.is_file():
         return pairs_from_table(load_table(path), names, on_bad_row, score_range)
-    if path.exists() or _looks_like_path(path_or_hub_id):
+    if not is_hub_id(path_or_hub_id):
         raise DataError("file not found (and not a hub id)", path=path)
     return _read_hub_pairs(path_or_hub_id, names, on_bad_row, score_range)
 
@@ -385,8 +385,12 @@ def pair_columns(columns: Mapping[str, str] | Sequence[str] | None) -> dict[str,
     return names
 
 
-def _looks_like_path(text: str) -> bool:
-    return text.startswith(("/", ".", "~")) or text.lower().endswith(_PATH_SUFFIXES)
+def is_hub_id(spec: str) -> bool:
+    """Whether :func:`read_pairs` reads ``spec`` from the ``datasets`` hub: nothing exists at
+    that path and it does not look like a file path (a known suffix or a leading ``/``, ``.``
+    or ``~``)."""
+    looks_like_path = spec.startswith(("/", ".", "~")) or spec.lower().endswith(_PATH_SUFFIXES)
+    return not looks_like_path and not Path(spec).expanduser().exists()
 
 
 def pairs_from_table(table: Table, names: dict[str, str], on_bad_row: str,

@@ -47,6 +47,9 @@ Modules (each with one job; everything is re-exported here):
 * ``embedder``: the :class:`Embedder` (prompting, truncation, padding, encode).
 * ``run_folder``: :func:`run_metadata`, :func:`read_run_config`, :func:`save_embedder`; a
   training run folder stands for its ``model/`` (:func:`resolve_training_run`).
+* ``plan``: :func:`plan_model`, every check ``load_embedder`` makes before reading weights (model
+  source, ``config.json``, encoder or decoder, options that fit it); ``pcc-train --validate``
+  runs it too.
 * ``loading``: :func:`load_embedder`, :func:`load_embedder_from_run`; :func:`check_model_files`
   and :func:`check_run_files` check without loading.
 """
@@ -69,6 +72,7 @@ from pcc_dist.modeling.loading import _base_source as _base_source
 from pcc_dist.modeling.lora import _load_adapter as _load_adapter
 from pcc_dist.modeling.lora import lora_target_modules
 from pcc_dist.modeling.model_files import check_adapter_folder, check_model_folder
+from pcc_dist.modeling.plan import ModelPlan, plan_model
 from pcc_dist.modeling.pooling import KINDS, POOLINGS, infer_kind, pool, resolve_pooling
 from pcc_dist.modeling.run_folder import (
     ADAPTER_DIR,
@@ -98,6 +102,7 @@ __all__ = [
     "KINDS",
     "MODES",
     "ModelError",
+    "ModelPlan",
     "POOLINGS",
     "QUANTIZATION_CHOICES",
     "QUANT_STORAGE",
@@ -116,6 +121,7 @@ __all__ = [
     "load_embedder",
     "load_embedder_from_run",
     "lora_target_modules",
+    "plan_model",
     "pool",
     "read_run_config",
     "resolve_model_source",

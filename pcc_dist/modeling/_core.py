@@ -24,7 +24,17 @@ _PEFT_HINT = "pip install 'peft>=0.13' (a core dependency of pcc-dist: pip insta
 
 
 class ModelError(ValueError):
-    """A model setting that cannot work; the message names the field, the value and the fix."""
+    """A model setting that cannot work; the message names the field, the value and the fix.
+
+    Args:
+        message: The whole message.
+        problems: The message as separate problems, one line each, when it holds several
+            (``pcc-train --validate`` lists them one per line); default ``[message]``.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
 
 
 def _get(cfg: Any, name: str, default: Any) -> Any:

@@ -12,18 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from pcc_dist.modeling._core import (
-    _BNB_HINT,
-    _PEFT_HINT,
     DTYPES,
     ModelError,
     _check_choice,
-    _import_or_error,
 )
 from pcc_dist.modeling.attention import choose_attn_implementation
 from pcc_dist.modeling.backbone import (
     _enable_checkpointing,
     _load_backbone,
-    _load_config,
     _load_tokenizer,
 )
 from pcc_dist.modeling.embedder import Embedder
@@ -34,7 +30,7 @@ from pcc_dist.modeling.lora import (
     lora_target_modules,
 )
 from pcc_dist.modeling.model_files import check_adapter_folder, check_model_folder
-from pcc_dist.modeling.pooling import infer_kind, resolve_pooling
+from pcc_dist.modeling.plan import plan_model
 from pcc_dist.modeling.run_folder import (
     ADAPTER_DIR,
     RUN_CONFIG_NAME,
@@ -104,24 +100,13 @@ def load_embedder(cfg: Any, *, for_training: bool = False) -> Embedder:
         ModelError: any setting that cannot work, before weights are read where possible; a
             missing, damaged or unknown model folder (naming the file at fault).
     """
-    s = _Settings.from_config(cfg)
-    source, gguf_file = resolve_model_source(s.name_or_path, s.gguf_file)
-    if gguf_file is None and (Path(source) / RUN_CONFIG_NAME).is_file():
+    plan = plan_model(cfg)
+    s, source, gguf_file, kind = plan.settings, plan.source, plan.gguf_file, plan.kind
+    if plan.run_meta is not None:
         return _load_run(
             Path(source), for_training=for_training, quantization="as_trained", cfg_settings=s
         )
-
-    hf_config = _load_config(source, gguf_file, s.trust_remote_code)
-    kind = infer_kind(hf_config) if s.kind == "auto" else s.kind
-    pooling = resolve_pooling(s.pooling, kind)
-    resolve_template(s.template, kind)
-    if s.mode == "qlora":
-        _import_or_error("bitsandbytes", "model.mode", s.mode, _BNB_HINT)
-    if s.mode != "full":
-        _import_or_error("peft", "model.mode", s.mode, _PEFT_HINT)
-    attn = choose_attn_implementation(s.attn_implementation, DTYPES[s.dtype])
-
-    backbone = _load_backbone(source, gguf_file, s, quantize=s.mode == "qlora", attn=attn)
+    backbone = _load_backbone(source, gguf_file, s, quantize=s.mode == "qlora", attn=plan.attn)
     tokenizer = _load_tokenizer(source, gguf_file, s.trust_remote_code)
     targets = None
     if s.mode != "full":
@@ -138,7 +123,7 @@ def load_embedder(cfg: Any, *, for_training: bool = False) -> Embedder:
         backbone,
         tokenizer,
         kind=kind,
-        pooling=pooling,
+        pooling=plan.pooling,
         template=s.template,
         max_length=s.max_length,
         spec=_spec(s, source, gguf_file, kind, targets),

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pcc_dist.config import model_fit_problems
 from pcc_dist.modeling._core import ModelError
 
 KINDS = ("auto", "encoder", "decoder")
@@ -50,10 +51,9 @@ def infer_kind(hf_config: Any) -> str:
 def resolve_pooling(pooling: str, kind: str) -> str:
     """Resolve ``"auto"`` and check that the pooling fits the model kind.
 
-    Decoders: ``last`` (default) or ``mean``; ``cls`` is refused because a causal model's first
-    token sees only itself (a constant BOS gives the same vector for every sentence). Encoders:
-    ``mean`` (default) or ``cls``; ``last`` is refused because an encoder's last real token is the
-    separator ``[SEP]``, which such models are not trained to summarise into.
+    Decoders: ``last`` (the default; the only token of a causal model that has read the whole
+    prompt). Encoders: ``mean`` (default) or ``cls``; ``last`` would be the ``[SEP]`` separator.
+    The rule is :func:`pcc_dist.config.model_fit_problems`, shared with the config checks.
 
     Raises:
         ModelError: unknown pooling name or a pooling that does not fit the kind.
@@ -62,18 +62,9 @@ def resolve_pooling(pooling: str, kind: str) -> str:
         raise ModelError(f"model.pooling={pooling!r} is not one of {list(POOLINGS)}.")
     if pooling == "auto":
         return "last" if kind == "decoder" else "mean"
-    if kind == "decoder" and pooling == "cls":
-        raise ModelError(
-            "model.pooling='cls' does not fit a decoder: a causal model's first token attends only "
-            "to itself, so its state is the same for every sentence. Use model.pooling='last' "
-            "(or 'mean')."
-        )
-    if kind == "encoder" and pooling == "last":
-        raise ModelError(
-            "model.pooling='last' does not fit an encoder: its last real token is the [SEP] "
-            "separator. Use model.pooling='mean' or 'cls' (or set model.kind='decoder' for a "
-            "causal model)."
-        )
+    misfits = model_fit_problems(kind, pooling, None, f"model.kind={kind!r}")
+    if misfits:
+        raise ModelError(misfits[0])
     return pooling
 
 

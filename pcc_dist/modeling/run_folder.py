@@ -42,7 +42,8 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and check ``pcc_embedder.json``.
 
     Raises:
-        ModelError: the file is missing, damaged, of another format version or lacks a key.
+        ModelError: the file is missing, not a JSON object, of another format version, or lacks
+            a field the loader needs (a LoRA run also needs ``base_model.name_or_path``).
     """
     path = Path(run_dir) / RUN_CONFIG_NAME
     if not path.is_file():

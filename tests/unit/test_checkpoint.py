@@ -151,3 +151,14 @@ def test_preflight_rejects_a_file_in_the_way(tmp_path):
 def test_preflight_checks_free_space(tmp_path):
     with pytest.raises(CheckpointError, match="MiB free"):
         preflight_output_dir(tmp_path, min_free_bytes=2**62)
+
+
+def test_preflight_without_create_leaves_the_disk_as_it_was(tmp_path):
+    preflight_output_dir(tmp_path / "a" / "b", create=False)
+    assert list(tmp_path.iterdir()) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CheckpointError, match="is not writable"):
+        preflight_output_dir(blocker / "run", create=False)
+    with pytest.raises(CheckpointError, match="MiB free"):
+        preflight_output_dir(tmp_path / "new", min_free_bytes=2**62, create=False)

@@ -30,6 +30,7 @@ from pcc_dist.modeling import (  # noqa: E402
     load_embedder,
     load_embedder_from_run,
     lora_target_modules,
+    plan_model,
     pool,
     resolve_pooling,
     resolve_template,
@@ -94,19 +95,66 @@ def test_bad_template_fails_before_weights_load(tmp_path):
 def test_pooling_resolution_and_errors():
     assert resolve_pooling("auto", "decoder") == "last"
     assert resolve_pooling("auto", "encoder") == "mean"
-    assert resolve_pooling("mean", "decoder") == "mean"
-    with pytest.raises(ModelError, match="model.pooling='cls' does not fit a decoder"):
-        resolve_pooling("cls", "decoder")
-    with pytest.raises(ModelError, match="model.pooling='last' does not fit an encoder"):
+    assert resolve_pooling("cls", "encoder") == "cls"
+    for pooling in ("cls", "mean"):
+        with pytest.raises(ModelError, match=f"model.pooling: '{pooling}' with "
+                                             "model.kind='decoder'; decoders embed with the last"):
+            resolve_pooling(pooling, "decoder")
+    with pytest.raises(ModelError, match="model.pooling: 'last' with model.kind='encoder'; use"):
         resolve_pooling("last", "encoder")
     with pytest.raises(ModelError, match="not one of"):
         resolve_pooling("max", "encoder")
 
 
-def test_pooling_that_does_not_fit_loaded_model(tmp_path):
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_pooling_that_does_not_fit_loaded_model(tmp_path, pooling):
+    """model.kind='auto': the kind comes from config.json, and the message names its model_type."""
     path = save_tiny_model(tmp_path / "llama", "llama")
-    with pytest.raises(ModelError, match="does not fit a decoder"):
-        load_embedder(model_config(name_or_path=str(path), pooling="cls"))
+    with pytest.raises(ModelError) as info:
+        load_embedder(model_config(name_or_path=str(path), pooling=pooling))
+    assert str(info.value).startswith(
+        f"model.pooling: '{pooling}' with model_type 'llama' in {path / 'config.json'} (a "
+        "decoder); decoders embed with the last token, use 'last' or 'auto'.")
+
+
+def test_template_that_does_not_fit_loaded_encoder(tmp_path):
+    path = save_tiny_model(tmp_path / "bert", "bert")
+    with pytest.raises(ModelError) as info:
+        load_embedder(model_config(name_or_path=str(path), template="PromptEOL"))
+    assert str(info.value).startswith(
+        f"model.template: got 'PromptEOL' with model_type 'bert' in {path / 'config.json'} (an "
+        "encoder); prompt templates are for decoder LLMs, set model.template=null.")
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "config.json not found; a Hugging Face model folder holds config.json"),
+    ("{not json", "not valid JSON"),
+    ('{"model_type": "no_such_type"}', "no_such_type"),
+])
+def test_model_folder_without_a_readable_config(tmp_path, content, needle):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("{}")  # not empty (an empty folder has its own error)
+    if content is not None:
+        (folder / "config.json").write_text(content)
+    with pytest.raises(ModelError) as info:
+        plan_model(model_config(name_or_path=str(folder)))
+    assert str(info.value).startswith(f"model.name_or_path={str(folder)!r}: ")
+    assert needle in str(info.value) and str(folder / "config.json") in str(info.value)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "is not valid JSON"),
+    ("[1]", "format_version=None"),
+    ('{"format_version": 1, "kind": "decoder"}', "lacks pooling, template, max_length, mode"),
+    ('{"format_version": 1, "kind": "decoder", "pooling": "last", "template": null, '
+     '"max_length": 8, "mode": "lora", "base_model": null}', "lacks base_model.name_or_path"),
+])
+def test_damaged_run_folder_is_a_model_error(tmp_path, content, needle):
+    (tmp_path / "pcc_embedder.json").write_text(content)
+    with pytest.raises(ModelError, match="pcc_embedder.json") as info:
+        plan_model(model_config(name_or_path=str(tmp_path)))
+    assert needle in str(info.value)
 
 
 def test_pool_math():
