@@ -58,6 +58,9 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path}: format_version={version!r}; this pcc_dist reads version {RUN_FORMAT_VERSION}."
         )
     missing = [key for key in _REQUIRED_KEYS if key not in meta]
+    base = meta.get("base_model")
+    if meta.get("mode") != "full" and not (isinstance(base, dict) and base.get("name_or_path")):
+        missing.append("base_model.name_or_path")
     if missing:
         raise ModelError(
             f"{path}: lacks {', '.join(missing)}; the file is damaged; export or train the model "

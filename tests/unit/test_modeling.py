@@ -144,8 +144,8 @@ def test_model_folder_without_a_readable_config(tmp_path, content, needle):
 
 
 @pytest.mark.parametrize("content, needle", [
-    ("{not json", "is not valid JSON"),
-    ("[1]", "format_version=None"),
+    ("{not json", "not valid JSON"),
+    ("[1]", "not an object"),
     ('{"format_version": 1, "kind": "decoder"}', "lacks pooling, template, max_length, mode"),
     ('{"format_version": 1, "kind": "decoder", "pooling": "last", "template": null, '
      '"max_length": 8, "mode": "lora", "base_model": null}', "lacks base_model.name_or_path"),
