@@ -29,6 +29,7 @@ __all__ = [
     "all_gather_with_grad",
     "all_reduce_mean",
     "all_reduce_sum",
+    "any_rank",
     "free_port",
     "get_rank",
     "get_world_size",
@@ -90,6 +91,29 @@ def all_reduce_mean(tensor: torch.Tensor, group: dist.ProcessGroup | None = None
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         tensor.div_(world_size)
     return tensor
+
+
+def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
+    """Whether ``flag`` is True on at least one rank; every rank gets the same answer.
+
+    For decisions that must not diverge (a rank that takes another branch than its peers would
+    wait in a collective they never join). One all-reduce of one integer; ``flag`` itself when
+    W = 1.
+
+    Args:
+        flag: This rank's finding.
+        group: Process group; default group when None.
+
+    Returns:
+        True on every rank if any rank passed True.
+    """
+    if get_world_size(group) == 1:
+        return flag
+    # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+    count = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    return bool(all_reduce_sum(count, group).item())
 
 
 def all_gather_sizes(

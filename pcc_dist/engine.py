@@ -39,8 +39,9 @@ logger = logging.getLogger(__name__)
 # DeepSpeed writes <folder>/<tag>/… and <folder>/latest; one fixed tag per folder, because the
 # checkpoint manager already names folders by step.
 _CHECKPOINT_TAG = "state"
-# Written by rank 0 next to DeepSpeed's files: the world size the partitions were cut for, and the
-# world-size-free copy of the trainable state (see TrainEngine.save_checkpoint).
+# Written by rank 0 next to DeepSpeed's files: the world size the partitions were cut for and the
+# shapes of the trainable tensors they hold, and the world-size-free copy of the trainable state
+# (see TrainEngine.save_checkpoint).
 _WORLD_FILE = "world.json"
 _PORTABLE_FILE = "portable_state.pt"
 # Largest trainable state (elements) that gets a portable copy: 2**28 fp32 elements are 1 GiB of
@@ -408,7 +409,8 @@ class TrainEngine:
         leave the frozen base out, so only adapters and their optimizer state are written.
 
         DeepSpeed's ZeRO files are cut for this world size W and cannot be loaded on another one.
-        So rank 0 also writes ``world.json`` (W) and, when the trainable state is at most
+        So rank 0 also writes ``world.json`` (W, and the shape of every trainable tensor, which
+        :meth:`load_checkpoint` compares before loading) and, when the trainable state is at most
         :data:`PORTABLE_MAX_NUMEL` elements (LoRA adapters, small models),
         ``portable_state.pt``: every trainable parameter in fp32 (the optimizer's master copy),
         its Adam moments, the Adam step and the schedule, gathered whole from the partitions.
@@ -430,7 +432,8 @@ class TrainEngine:
             if portable is not None:
                 torch.save(portable, Path(folder) / _PORTABLE_FILE)
             (Path(folder) / _WORLD_FILE).write_text(json.dumps(
-                {"world_size": self.world_size, "portable": portable is not None}))
+                {"world_size": self.world_size, "portable": portable is not None,
+                 "shapes": self._trainable_shapes()}))
 
     def load_checkpoint(self, folder: str | os.PathLike, *, module_only: bool = False) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint`.
@@ -446,13 +449,18 @@ class TrainEngine:
 
         Raises:
             FileNotFoundError: when the folder holds no DeepSpeed checkpoint.
-            CheckpointError: when it was written on another world size without a portable copy.
+            CheckpointError: when it was written on another world size without a portable copy,
+                or its trainable tensors have other shapes than this model's (checked before
+                anything loads).
         """
         if not (Path(folder) / _CHECKPOINT_TAG).is_dir():
             raise FileNotFoundError(f"{folder} holds no engine checkpoint (no "
                                     f"{_CHECKPOINT_TAG}/ folder); pass a folder written by "
                                     "TrainEngine.save_checkpoint")
-        saved_world = _saved_world_size(Path(folder) / _WORLD_FILE)
+        saved = _read_world_file(Path(folder) / _WORLD_FILE)
+        saved_world = saved.get("world_size") if saved is not None else None
+        if saved is not None and "shapes" in saved:  # older checkpoints did not record them
+            _check_same_shapes(Path(folder), saved["shapes"], self._trainable_shapes())
         if saved_world is not None and saved_world != self.world_size and self._partitioned():
             self._load_portable(Path(folder), saved_world, module_only)
             return
@@ -476,6 +484,10 @@ class TrainEngine:
 
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def _trainable_shapes(self) -> dict[str, list[int]]:
+        """Full shape of every trainable tensor (not of this rank's partition), by name."""
+        return {name: list(_param_shape(param)) for name, param in self._trainable()}
 
     def _master_partitions(self) -> list[torch.Tensor]:
         """The flat fp32 tensors the wrapped torch optimizer steps (its state is keyed by them)."""
@@ -665,22 +677,74 @@ def _weights_only_loads(checkpoint_engine: Any) -> Iterator[None]:
 _PERSIST_ALL = 10**15
 
 
-def _saved_world_size(world_file: Path) -> int | None:
-    """The world size recorded in a checkpoint's ``world.json`` (None for older checkpoints
-    without one: they are loaded as written on this world size).
+def _read_world_file(world_file: Path) -> dict[str, Any] | None:
+    """A checkpoint's ``world.json``: ``world_size`` (an int) and, since shapes are recorded,
+    ``shapes`` (tensor name -> list of ints). None for older checkpoints without the file: they
+    are loaded as written on this world size.
 
     Raises:
-        CheckpointError: the file exists but is not ``{"world_size": <int>, ...}``.
+        CheckpointError: the file exists but is not ``{"world_size": <int>, ...}`` with, if
+            present, a ``shapes`` object of integer lists.
     """
     from pcc_dist.checkpoint import CheckpointError
 
     if not world_file.is_file():
         return None
     try:
-        return int(json.loads(world_file.read_text(encoding="utf-8"))["world_size"])
+        saved = json.loads(world_file.read_text(encoding="utf-8"))
+        saved["world_size"] = int(saved["world_size"])
+        shapes = saved.get("shapes", {})
+        if not isinstance(shapes, dict) or not all(
+                isinstance(s, list) and all(isinstance(d, int) for d in s)
+                for s in shapes.values()):
+            raise TypeError("shapes is not an object of integer lists")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{world_file} is damaged ({exc!r}); resume from an earlier "
                               "checkpoint.") from exc
+    return saved
+
+
+def _lora_rank_change(name: str, saved: list[int], current: list[int]) -> str | None:
+    """The saved and configured ``model.lora.r`` when they are all that differs between a LoRA
+    tensor's shapes (lora_A is [r, in], lora_B is [out, r]), else None."""
+    if ".lora_A." in name and len(saved) == len(current) == 2 and saved[1] == current[1]:
+        return f"model.lora.r was {saved[0]} when the checkpoint was written and is {current[0]}"
+    if ".lora_B." in name and len(saved) == len(current) == 2 and saved[0] == current[0]:
+        return f"model.lora.r was {saved[1]} when the checkpoint was written and is {current[1]}"
+    return None
+
+
+def _check_same_shapes(folder: Path, saved: dict[str, list[int]],
+                       current: dict[str, list[int]]) -> None:
+    """Fail before anything loads when a checkpoint's trainable tensors are not this model's.
+
+    Another ``model.lora.r``, ``model.lora.target_modules``, ``model.mode`` or base model would
+    otherwise stop inside DeepSpeed with a size-mismatch traceback, or (through the portable
+    copy) with some state already restored.
+
+    Raises:
+        CheckpointError: naming the first differing tensor, its saved and configured shapes,
+            the setting that most likely changed, and the fix.
+    """
+    from pcc_dist.checkpoint import CheckpointError
+
+    fix = ("Resume with the settings the run was started with, or start a new run in another "
+           "run.output_dir.")
+    differing = [n for n in saved if n in current and saved[n] != current[n]]
+    if differing:
+        name = differing[0]
+        setting = (_lora_rank_change(name, saved[name], current[name])
+                   or "a setting that shapes it changed (model.name_or_path, model.lora.*)")
+        raise CheckpointError(
+            f"{folder} does not fit this model: {len(differing)} trainable tensors have other "
+            f"shapes, e.g. {name} is {saved[name]} in the checkpoint and {current[name]} with "
+            f"this config ({setting}). {fix}")
+    missing, extra = sorted(set(saved) - set(current)), sorted(set(current) - set(saved))
+    if missing or extra:
+        raise CheckpointError(
+            f"{folder} holds other trainable tensors than this model ({len(missing)} only in "
+            f"the checkpoint, e.g. {missing[:1]}; {len(extra)} only in this model, e.g. "
+            f"{extra[:1]}): model.mode or model.lora.target_modules changed. {fix}")
 
 
 def _single_rank_zero3(ds_config: dict[str, Any], world_size: int) -> dict[str, Any]:

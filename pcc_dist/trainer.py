@@ -210,6 +210,11 @@ class StageRunner:
 
         started = time.perf_counter()
         self.stage_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints = CheckpointManager(self.stage_dir / "checkpoints",
+                                        self.cfg.checkpoint.keep_last, self.dist.rank,
+                                        _barrier(self.dist.world_size))
+        # Chosen before data and weights load: a damaged checkpoint folder fails in seconds.
+        resume_from = self._resume_point(checkpoints)
         examples, contamination = self.load_examples()
         plan = GlobalBatchPlan(len(examples), self.stage.global_batch_size,
                                self.dist.world_size, self.cfg.run.seed)
@@ -225,15 +230,10 @@ class StageRunner:
         engine = build_engine(embedder, self.cfg, self.stage, total_steps)
         # Then one stream per rank for dropout, so ranks do not draw identical masks.
         seed_everything(self.cfg.run.seed + 1 + self.dist.rank)
-        checkpoints = CheckpointManager(self.stage_dir / "checkpoints",
-                                        self.cfg.checkpoint.keep_last, self.dist.rank,
-                                        _barrier(self.dist.world_size))
-        checkpoints.remove_incomplete()
         state = TrainerState(stage=self.name, world_size=self.dist.world_size,
                              global_batch_size=plan.global_batch_size)
-        latest = checkpoints.latest() if self.cfg.checkpoint.resume == "auto" else None
-        if latest is not None:
-            state = checkpoints.load(engine, latest)
+        if resume_from is not None:
+            state = checkpoints.load(engine, resume_from)
             self._check_resume_compatible(state, plan)
             if state.world_size != self.dist.world_size:
                 # Same global batch, so the same batches in the same order (the plan does not
@@ -309,6 +309,14 @@ class StageRunner:
                 state.tracking_run_id = tracker.run_id
                 checkpoints.save(engine, state)
         progress.close()
+
+    def _resume_point(self, checkpoints: CheckpointManager) -> Path | None:
+        """Clear writes that died, then pick the newest intact checkpoint (every rank the same
+        one; damaged ones are skipped with a warning), or None to start the stage afresh."""
+        checkpoints.remove_incomplete()
+        if self.cfg.checkpoint.resume != "auto":
+            return None
+        return checkpoints.latest_intact()
 
     def _check_resume_compatible(self, state: TrainerState, plan: GlobalBatchPlan) -> None:
         if state.global_batch_size != plan.global_batch_size:

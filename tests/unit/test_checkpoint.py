@@ -162,3 +162,104 @@ def test_preflight_without_create_leaves_the_disk_as_it_was(tmp_path):
         preflight_output_dir(blocker / "run", create=False)
     with pytest.raises(CheckpointError, match="MiB free"):
         preflight_output_dir(tmp_path / "new", min_free_bytes=2**62, create=False)
+
+
+def _save_steps(ckpt, *steps):
+    return {step: ckpt.save(FakeEngine(float(step)), TrainerState(stage="s", step=step))
+            for step in steps}
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_sets_it_aside(tmp_path, caplog):
+    ckpt = manager(tmp_path, keep_last=5)
+    saved = _save_steps(ckpt, 2, 4, 6)
+    (saved[6] / "trainer_state.json").write_text('{"stage": "s", "st')  # truncated
+    assert ckpt.find_damage(saved[4]) == []
+    assert ckpt.latest_intact() == saved[4]
+    assert "trainer_state.json is not valid JSON" in caplog.text
+    assert f"resuming from {saved[4]}, the newest intact checkpoint" in caplog.text
+    # Kept under a name that neither resume nor pruning sees: the next saves cannot prune the
+    # intact checkpoints in favour of it.
+    aside = ckpt.folder / "damaged-step-00000006"
+    assert (aside / "trainer_state.json").read_text() == '{"stage": "s", "st'
+    assert ckpt.complete() == [saved[2], saved[4]]
+    state = ckpt.load(FakeEngine(), saved[4])
+    assert state.step == 4
+
+
+def test_a_step_damaged_twice_keeps_both_damaged_copies(tmp_path):
+    ckpt = manager(tmp_path, keep_last=5)
+    for _ in range(2):
+        saved = _save_steps(ckpt, 2, 4)
+        (saved[4] / "engine" / "w.pt").write_bytes(b"")
+        assert ckpt.latest_intact() == saved[2]
+    names = sorted(p.name for p in ckpt.folder.iterdir())
+    assert names == ["damaged-step-00000004", "damaged-step-00000004.1", "step-00000002"]
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each_file_and_touching_none(tmp_path):
+    ckpt = manager(tmp_path, keep_last=5)
+    saved = _save_steps(ckpt, 2, 4)
+    (saved[4] / "engine" / "w.pt").write_bytes(b"PK\x03\x04 cut")
+    (saved[2] / "rng_rank0.pt").unlink()
+    torch.save({"not": "rng"}, saved[2] / "rng_rank0.pt")
+    with pytest.raises(CheckpointError) as error:
+        ckpt.latest_intact()
+    message = str(error.value)
+    assert "step-00000004: engine/w.pt is not a complete torch file" in message
+    assert "step-00000002: rng_rank0.pt cannot be read as RNG states (KeyError" in message
+    assert "Delete the damaged" in message and "run.output_dir" in message
+    assert ckpt.complete() == [saved[2], saved[4]]
+
+
+def test_no_checkpoint_at_all_is_a_fresh_start(tmp_path):
+    assert manager(tmp_path).latest_intact() is None
+
+
+@pytest.mark.parametrize("text", ['{"stage": "s", "step": true}', '{"stage": "s", "step": -1}',
+                                  '{"step": 4}', '[4]', '{"stage": "s", "last_loss": "nan"}'])
+def test_a_trainer_state_with_wrong_fields_is_damage(tmp_path, text):
+    ckpt = manager(tmp_path)
+    path = _save_steps(ckpt, 4)[4]
+    (path / "trainer_state.json").write_text(text)
+    [problem] = ckpt.find_damage(path)
+    assert problem.startswith("trainer_state.json ")
+
+
+def test_load_checks_the_small_files_before_the_engine_restores_anything(tmp_path):
+    class Recording(FakeEngine):
+        loads = 0
+
+        def load_checkpoint(self, folder):
+            self.loads += 1
+
+    ckpt = manager(tmp_path)
+    path = _save_steps(ckpt, 4)[4]
+    (path / "rng_rank0.pt").write_bytes(b"")
+    engine = Recording()
+    with pytest.raises(CheckpointError, match=r"step-00000004 is damaged: rng_rank0\.pt"):
+        ckpt.load(engine, path)
+    assert engine.loads == 0
+
+
+def test_an_engine_that_fails_to_load_gives_a_checkpoint_error(tmp_path):
+    class Broken(FakeEngine):
+        def load_checkpoint(self, folder):
+            raise RuntimeError("PytorchStreamReader failed reading zip archive\nmore lines")
+
+    ckpt = manager(tmp_path)
+    path = _save_steps(ckpt, 4)[4]
+    with pytest.raises(CheckpointError, match=r"step-00000004 passed the integrity checks but "
+                                              r"its engine state could not be loaded "
+                                              r"\(RuntimeError: PytorchStreamReader failed "
+                                              r"reading zip archive\); delete it"):
+        ckpt.load(Broken(), path)
+
+
+def test_the_trainer_state_check_covers_every_field_type():
+    """A TrainerState field of a type the check does not know would go unchecked: extend
+    checkpoint._JSON_TYPES with it."""
+    from dataclasses import fields
+
+    for field in fields(TrainerState):
+        words = [w.strip() for w in str(field.type).split("|")]
+        assert all(w in checkpoint_module._JSON_TYPES for w in words), (field.name, field.type)

@@ -132,3 +132,46 @@ def test_nonfinite_loss_value_poisons_the_backward_and_reports_a_skip():
     assert math.isnan([c for c in fake.calls if c[0] == "backward"][-1][1])
     fake.applied = False
     assert engine.step().skipped
+
+
+# -- checkpoint shapes -----------------------------------------------------------------------
+
+_LORA_A = "backbone.layers.0.q_proj.lora_A.default.weight"
+_LORA_B = "backbone.layers.0.q_proj.lora_B.default.weight"
+
+
+@pytest.mark.parametrize(("name", "saved", "current"), [(_LORA_A, [4, 64], [8, 64]),
+                                                        (_LORA_B, [64, 4], [64, 8])])
+def test_another_lora_rank_names_the_tensor_shapes_and_setting(tmp_path, name, saved, current):
+    from pcc_dist.checkpoint import CheckpointError
+    from pcc_dist.engine import _check_same_shapes
+
+    with pytest.raises(CheckpointError) as error:
+        _check_same_shapes(tmp_path, {name: saved}, {name: current})
+    message = str(error.value)
+    assert f"{name} is {saved} in the checkpoint and {current} with this config" in message
+    assert "model.lora.r was 4 when the checkpoint was written and is 8" in message
+    assert "another run.output_dir" in message
+
+
+def test_other_shape_changes_and_other_tensors_name_the_likely_settings(tmp_path):
+    from pcc_dist.checkpoint import CheckpointError
+    from pcc_dist.engine import _check_same_shapes
+
+    _check_same_shapes(tmp_path, {_LORA_A: [4, 64]}, {_LORA_A: [4, 64]})  # same: no error
+    with pytest.raises(CheckpointError, match=r"\[4, 64\] in the checkpoint and \[4, 96\].*"
+                                              r"model\.name_or_path"):
+        _check_same_shapes(tmp_path, {_LORA_A: [4, 64]}, {_LORA_A: [4, 96]})
+    with pytest.raises(CheckpointError, match="other trainable tensors.*model.lora.target_modules"):
+        _check_same_shapes(tmp_path, {_LORA_A: [4, 64]}, {_LORA_B: [64, 4]})
+
+
+@pytest.mark.parametrize("text", ['{"world_size": 1, "shapes": {"w": [4, "x"]}}',
+                                  '{"world_size": 1, "shapes": [4]}', '{"shapes": {}}', "{"])
+def test_a_damaged_world_file_is_a_checkpoint_error(tmp_path, text):
+    from pcc_dist.checkpoint import CheckpointError
+    from pcc_dist.engine import _read_world_file
+
+    (tmp_path / "world.json").write_text(text)
+    with pytest.raises(CheckpointError, match="world.json is damaged"):
+        _read_world_file(tmp_path / "world.json")
