@@ -443,6 +443,24 @@ def _guard_problems(ds: dict[str, Any], path: Path, cfg: PccConfig) -> list[str]
     return problems
 
 
+def _parser_problem(ds: dict[str, Any], path: Path) -> list[str]:
+    """DeepSpeed's whole config parser (what ``deepspeed.initialize`` runs) on the resolved dict,
+    for values in sections no pydantic model covers (e.g. ``"wall_clock_breakdown": null`` is a
+    TypeError deep inside DeepSpeed). ``train_batch_size`` is left out of the probe: DeepSpeed
+    derives it from the other two for whatever world size it sees, and its split over the ranks
+    is checked above."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = {key: value for key, value in ds.items() if key != "train_batch_size"}
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed raises many kinds; each is a refusal
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        return [f"{path}: DeepSpeed's own parser refuses this config ({reason}); fix the key it "
+                "names, or delete it to use DeepSpeed's default."]
+    return []
+
+
 def resolve_ds_config(cfg: PccConfig, stage: StageSettings, world_size: int) -> dict[str, Any]:
     """Load the DeepSpeed JSON of ``cfg.train.deepspeed_config``, check it, fill its ``"auto"``s.
 
@@ -466,7 +484,8 @@ def resolve_ds_config(cfg: PccConfig, stage: StageSettings, world_size: int) -> 
             ``bf16`` or ``fp16`` refuse; a batch size that does not split evenly over the
             ranks; a hard-coded owned value that conflicts with the TrainConfig (names file, key
             and both values); an ``optimizer`` or ``scheduler`` block; ``"auto"`` on a key
-            pcc_dist does not fill; settings that disable the non-finite guard.
+            pcc_dist does not fill; settings that disable the non-finite guard; anything else
+            DeepSpeed's own parser refuses.
     """
     path = find_ds_config(cfg.train.deepspeed_config)
     name = _stage_name(cfg, stage)
@@ -483,6 +502,8 @@ def resolve_ds_config(cfg: PccConfig, stage: StageSettings, world_size: int) -> 
     problems += _fill_owned(ds, path, cfg, stage, name, world_size)
     problems += _deepspeed_problems(ds, path)
     problems += _guard_problems(ds, path, cfg)
+    if not problems:
+        problems = _parser_problem(ds, path)
     if problems:
         raise ConfigError(problems, source=str(path))
     logger.debug("resolved DeepSpeed config from %s: %s", path, ds)

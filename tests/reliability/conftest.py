@@ -24,12 +24,21 @@ settings.register_profile(
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """How many generated inputs the hostile-input properties tried (the closing-note figure)."""
+    """How many generated inputs the hostile-input properties tried (the closing-note figures):
+    one line for the data readers and the config loader, one for the other surfaces (DeepSpeed
+    JSON, model files), each from the ``TRIED`` counts of the ``test_hostile_*`` modules."""
     import sys
 
+    lines = {"hostile-input properties": {}, "hostile-surface properties": {}}
     for name, module in list(sys.modules.items()):
-        tried = getattr(module, "TRIED", None) if name.endswith("test_hostile_inputs") else None
+        tried = getattr(module, "TRIED", None)
+        if not tried or not name.rsplit(".", 1)[-1].startswith("test_hostile_"):
+            continue
+        kind = "hostile-input properties" if name.endswith("test_hostile_inputs") \
+            else "hostile-surface properties"
+        lines[kind].update(tried)
+    for kind, tried in lines.items():
         if tried:
             terminalreporter.write_line(
-                f"hostile-input properties tried {sum(tried.values())} inputs: "
+                f"{kind} tried {sum(tried.values())} inputs: "
                 + ", ".join(f"{k}={v}" for k, v in sorted(tried.items())))

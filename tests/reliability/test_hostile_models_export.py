@@ -334,9 +334,14 @@ def _apply(folder: Path, name: str, how: str, where: float, byte: int) -> None:
         path.write_bytes(data[:offset] + bytes([byte]) + data[offset + 1 :])
 
 
+# Inputs tried by the property below, printed at the end of the run (tests/reliability/conftest.py).
+TRIED: dict[str, int] = {}
+
+
 @DAMAGE
 @given(damage())
 def test_damaged_model_files_raise_only_model_error(base, tmp_path_factory, spec):
+    TRIED["model_files"] = TRIED.get("model_files", 0) + 1
     folder = shutil.copytree(base, tmp_path_factory.mktemp("damaged") / "model")
     _apply(folder, *spec)
     try:

@@ -210,11 +210,16 @@ def mutated(draw) -> dict:
     return ds
 
 
+# Inputs tried by the property below, printed at the end of the run (tests/reliability/conftest.py).
+TRIED: dict[str, int] = {}
+
+
 @MUTATIONS
 @given(ds=mutated())
 def test_mutated_deepspeed_json_is_refused_with_a_message_or_accepted_by_deepspeed(ds):
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    TRIED["deepspeed_json"] = TRIED.get("deepspeed_json", 0) + 1
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "ds.json"
         path.write_text(json.dumps(ds))
