@@ -520,12 +520,31 @@ class CheckpointManager:
         return state
 
 
-def _load_engine(engine: SavesCheckpoints, path: Path) -> None:
+def load_weights_from(engine: SavesCheckpoints, path: Path) -> None:
+    """Load only the model weights of checkpoint ``path`` (stage 2 starting from stage 1's final
+    checkpoint), with the same integrity checks and error as a resume.
+
+    Raises:
+        CheckpointError: a file of the checkpoint is damaged, or its engine state cannot be
+            loaded; the message names the checkpoint and the fix.
+    """
+    problems = CheckpointManager(path.parent, 1, 0, lambda: None).find_damage(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path}, which this stage starts from, is damaged: "
+                              f"{'; '.join(problems)}; run the earlier stage again, or delete "
+                              "the damaged checkpoint to start from the one before it.")
+    _load_engine(engine, path, module_only=True)
+
+
+def _load_engine(engine: SavesCheckpoints, path: Path, module_only: bool = False) -> None:
     """``engine.load_checkpoint`` on the checkpoint's engine folder; what still goes wrong there
     (damage the cheap checks cannot see, such as a flipped bit inside a tensor) becomes a
     :class:`CheckpointError` naming the checkpoint and the fix, not a traceback."""
     try:
-        engine.load_checkpoint(path / ENGINE_DIR)
+        if module_only:
+            engine.load_checkpoint(path / ENGINE_DIR, module_only=True)
+        else:
+            engine.load_checkpoint(path / ENGINE_DIR)
     except CheckpointError:
         raise
     # What torch.load and DeepSpeed raise on contents they cannot use (DeepSpeed checks its

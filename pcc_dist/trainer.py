@@ -26,7 +26,12 @@ from typing import Any
 
 import torch
 
-from pcc_dist.checkpoint import CheckpointManager, TrainerState, preflight_output_dir
+from pcc_dist.checkpoint import (
+    CheckpointManager,
+    TrainerState,
+    load_weights_from,
+    preflight_output_dir,
+)
 from pcc_dist.config import PccConfig, StageSettings
 from pcc_dist.data import (
     ScoredPair,
@@ -244,7 +249,7 @@ class StageRunner:
                                self.dist.world_size)
                 state.world_size = self.dist.world_size
         elif self.init_from is not None:
-            engine.load_checkpoint(self.init_from / "engine", module_only=True)
+            load_weights_from(engine, self.init_from)
             logger.info("%s starts from the weights of %s", self.name, self.init_from)
         if contamination is not None and self.is_main:
             (self.stage_dir / "decontamination.json").write_text(
@@ -449,7 +454,7 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
     test_tasks = load_sts7(data_root) if cfg.data.decontaminate else None
 
     outcomes: dict[str, Any] = {}
-    previous = _earlier_stage1(cfg, run_dir)
+    previous = _earlier_stage1(cfg, run_dir, dist_info)
     embedder = engine = None
     for name in STAGES:
         if not getattr(cfg, name).enabled:
@@ -481,12 +486,14 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
     return results
 
 
-def _earlier_stage1(cfg: PccConfig, run_dir: Path) -> Path | None:
+def _earlier_stage1(cfg: PccConfig, run_dir: Path, dist_info: Any) -> Path | None:
     """Stage 1's final checkpoint from an earlier run in the same folder, when this run trains
     stage 2 only (the two stages as two jobs, e.g. the mistral7b_qlora_stage{1,2} recipes)."""
     if cfg.stage1.enabled or not cfg.stage2.enabled:
         return None
-    found = CheckpointManager(run_dir / "stage1" / "checkpoints", 1, 0, lambda: None).latest()
+    # The newest intact one: a damaged checkpoint is skipped (and set aside) as on resume.
+    found = CheckpointManager(run_dir / "stage1" / "checkpoints", 1, dist_info.rank,
+                              _barrier(dist_info.world_size)).latest_intact()
     if found is None:
         logger.info("stage 2 starts from %s (no stage-1 checkpoint in %s)",
                     cfg.model.name_or_path, run_dir)

@@ -263,3 +263,41 @@ def test_the_trainer_state_check_covers_every_field_type():
     for field in fields(TrainerState):
         words = [w.strip() for w in str(field.type).split("|")]
         assert all(w in checkpoint_module._JSON_TYPES for w in words), (field.name, field.type)
+
+
+class WeightsOnlyEngine(FakeEngine):
+    def load_checkpoint(self, folder, module_only=False):
+        assert module_only
+        super().load_checkpoint(folder)
+
+
+def test_stage_two_starts_from_the_newest_intact_stage_one_checkpoint(tmp_path):
+    """Two jobs (stage 1, then stage 2 in the same run folder): a damaged final stage-1
+    checkpoint is skipped and set aside as on resume, not a traceback in stage 2."""
+    from types import SimpleNamespace
+
+    from pcc_dist.config import load_config
+    from pcc_dist.trainer import _earlier_stage1
+
+    stage1 = CheckpointManager(tmp_path / "stage1" / "checkpoints", keep_last=5, rank=0,
+                               barrier=lambda: None)
+    saved = _save_steps(stage1, 2, 4)
+    cfg = load_config(None, ["stage1.enabled=false"])
+    one_rank = SimpleNamespace(rank=0, world_size=1)
+    assert _earlier_stage1(cfg, tmp_path, one_rank) == saved[4]  # control: intact
+    (saved[4] / "engine" / "w.pt").write_bytes(b"PK\x03\x04 cut")
+    assert _earlier_stage1(cfg, tmp_path, one_rank) == saved[2]
+    assert (stage1.folder / "damaged-step-00000004").is_dir()
+
+
+def test_weights_from_a_damaged_checkpoint_are_a_checkpoint_error(tmp_path):
+    from pcc_dist.checkpoint import load_weights_from
+
+    saved = _save_steps(manager(tmp_path, keep_last=5), 2)
+    engine = WeightsOnlyEngine()
+    load_weights_from(engine, saved[2])  # control: the weights of step 2 load
+    assert engine.weight.item() == 2.0
+    (saved[2] / "engine" / "w.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"which this stage starts from, is damaged: "
+                                              r"engine/w\.pt"):
+        load_weights_from(engine, saved[2])
