@@ -228,14 +228,16 @@ def test_custom_template_override_is_taken_as_typed():
             "`model.template=Query: {x}`)")
 
 
-def test_problems_from_overrides_name_the_override_not_the_yaml_file():
+def test_problems_from_overrides_name_the_override_not_the_yaml_file(tmp_path_factory):
     # Was: "1 configuration problem(s) in launchers/configs/tiny_cpu.yaml: - stage2.lr: ...".
     stderr = refused(cli("pcc-train", "--config", str(CONFIG), "--validate", "stage2.lr=-1"),
                      "1 configuration problem(s) in the command-line overrides:",
                      "stage2.lr: got -1.0; use a positive learning rate such as 5e-4. (from the "
                      "command-line override `stage2.lr=-1`)")
     assert str(CONFIG) not in stderr
-    accepted(cli("pcc-train", "--config", str(CONFIG), "--validate", "stage2.lr=1e-4"))
+    # The recipe names a model folder the e2e tests build; --validate checks that it exists.
+    accepted(cli("pcc-train", "--config", str(CONFIG), "--validate", "stage2.lr=1e-4",
+                 f"model.name_or_path={tiny_llama(tmp_path_factory)}"))
 
 
 def test_yaml_alias_bomb_is_refused_in_a_short_message(tmp_path):
