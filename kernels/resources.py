@@ -29,7 +29,6 @@ from pcc_dist.kernels.launch import Launch
 ARCHS = {"sm_80": 80, "sm_90": 90}
 # Largest shared memory one program may use (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
-REGISTER_LIMIT = 255
 
 # Recipe shapes (rows per rank, candidate blocks, D). stage1_7b: the 7B stage-1 recipe, global
 # batch 256 on 8 GPUs (32 anchors per rank against 256 positives + 256 hard negatives);
