@@ -86,7 +86,7 @@ def import_deepspeed() -> Any:
         import deepspeed
     except ImportError as exc:
         raise ImportError(
-            "the training engine needs DeepSpeed: pip install 'deepspeed>=0.16,<0.20' "
+            "the training engine needs DeepSpeed: pip install 'deepspeed>=0.19.3,<0.20' "
             "(a core dependency of pcc-dist; reinstall with `pip install -e .`)") from exc
     return deepspeed
 

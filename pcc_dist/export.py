@@ -543,7 +543,7 @@ def verify_sentence_transformers(
     except ImportError as exc:
         raise ExportError(
             "verifying a sentence-transformers export needs sentence-transformers>=6: "
-            "pip install 'sentence-transformers>=6' (part of pip install pcc-dist[dev])."
+            "pip install 'pcc-dist[st]'."
         ) from exc
     model = SentenceTransformer(str(folder), device=str(embedder.device))
     theirs = (
