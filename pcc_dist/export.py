@@ -71,6 +71,7 @@ from typing import Any
 
 import torch
 
+from pcc_dist.model_card import write_model_card
 from pcc_dist.modeling import (
     ADAPTER_DIR,
     DTYPES,
@@ -436,6 +437,8 @@ def export_sentence_transformers(
     with _export(source, out, overwrite) as (run, meta, staging):
         _write_merged(run, meta, staging, quantization, dtype)
         _write_sentence_transformers(staging)
+        write_model_card(staging, read_run_config(staging),
+                         None if isinstance(source, Embedder) else run)
     logger.info("exported a sentence-transformers folder to %s", out)
     return out
 

@@ -115,6 +115,7 @@ def test_sentence_transformers_roundtrip_decoder_with_prompt(tmp_path):
     assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling"]
     cosine = verify_sentence_transformers(out, emb, SENTENCES)
     assert cosine.min() >= 0.9999, cosine
+    assert "PromptEOL" in (out / "README.md").read_text()  # the model card
     # Negative control: the bare sentence without the prompt gives other embeddings.
     from sentence_transformers import SentenceTransformer
 
