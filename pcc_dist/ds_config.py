@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pcc_dist.config import ConfigError, PccConfig, StageSettings
+from pcc_dist.ds_hf_auto import drop_auto_blocks, fill_hidden_size_autos
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def import_deepspeed() -> Any:
         import deepspeed
     except ImportError as exc:
         raise ImportError(
-            "the training engine needs DeepSpeed: pip install 'deepspeed>=0.16,<0.20' "
+            "the training engine needs DeepSpeed: pip install 'deepspeed>=0.19.3,<0.20' "
             "(a core dependency of pcc-dist; reinstall with `pip install -e .`)") from exc
     return deepspeed
 
@@ -497,6 +498,9 @@ def resolve_ds_config(cfg: PccConfig, stage: StageSettings, world_size: int) -> 
                             "DeepSpeed reads only \"bf16\": delete \"bfloat16\".")
         else:
             ds["bf16"] = ds.pop("bfloat16")
+    # A stock HF Trainer JSON: its all-"auto" optimizer/scheduler blocks and hidden-size sizes.
+    drop_auto_blocks(ds, path)
+    problems += fill_hidden_size_autos(ds, path, cfg)
     problems += _section_problems(ds, path)
     problems += _refused_blocks(ds, path, name)
     problems += _fill_owned(ds, path, cfg, stage, name, world_size)

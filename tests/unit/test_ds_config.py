@@ -158,10 +158,11 @@ def test_optimizer_and_scheduler_blocks_are_refused(tmp_path, block):
 
 
 def test_auto_on_a_key_we_do_not_fill(tmp_path):
-    path = _write(tmp_path, {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}})
+    # (reduce_bucket_size and the other hidden-size keys are filled: tests/unit/test_ds_hf_auto.py)
+    path = _write(tmp_path, {"zero_optimization": {"stage": 3, "sub_group_size": "auto"}})
     cfg = _cfg(f"train.deepspeed_config={path}")
     (problem,) = _problems(cfg)
-    assert "\"zero_optimization.reduce_bucket_size\" is \"auto\", but pcc_dist fills" in problem
+    assert "\"zero_optimization.sub_group_size\" is \"auto\", but pcc_dist fills" in problem
     assert "delete the key to use DeepSpeed's default" in problem
 
 
