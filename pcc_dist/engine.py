@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pcc_dist import universal_checkpoint
 from pcc_dist.config import PccConfig, StageSettings
 from pcc_dist.distributed import free_port
 from pcc_dist.ds_config import import_deepspeed, resolve_ds_config
@@ -416,8 +417,13 @@ class TrainEngine:
         its Adam moments, the Adam step and the schedule, gathered whole from the partitions.
         :meth:`load_checkpoint` uses it when the world size changed; with the same W it loads
         DeepSpeed's own files (bit-exact). A full-parameter 7B state (~84 GB with moments) is
-        too large to gather on one rank and gets no portable copy. Without ZeRO (stage 0)
-        DeepSpeed's own files load on any W and no copy is needed.
+        too large to gather on one rank and gets no portable copy: on another W it is converted
+        to DeepSpeed's universal format instead (:mod:`pcc_dist.universal_checkpoint`). Without
+        ZeRO (stage 0) DeepSpeed's own files load on any W and no copy is needed.
+
+        The portable copy stays although the universal conversion of a LoRA checkpoint holds
+        exactly its tensors (tests/reliability/test_resume_world_size.py): it loads with no
+        conversion pass over every shard, and QLoRA's conversion is not tested (CUDA only).
 
         Args:
             folder: Target folder (created); the checkpoint manager renames it atomically.
@@ -440,7 +446,8 @@ class TrainEngine:
 
         Under ZeRO-3 call it on a freshly built engine (DeepSpeed needs unmodified partitions).
         Written on another world size, it is restored from ``portable_state.pt`` (weights,
-        Adam moments and step, schedule).
+        Adam moments and step, schedule) or, without one, from DeepSpeed's universal conversion
+        of its ZeRO files (made once by rank 0 into ``universal/``; the log names the path).
 
         Args:
             folder: The folder given to :meth:`save_checkpoint`.
@@ -449,9 +456,9 @@ class TrainEngine:
 
         Raises:
             FileNotFoundError: when the folder holds no DeepSpeed checkpoint.
-            CheckpointError: when it was written on another world size without a portable copy,
-                or its trainable tensors have other shapes than this model's (checked before
-                anything loads).
+            CheckpointError: when it was written on another world size and its universal
+                conversion fails (named, with the converter's reason), or its trainable
+                tensors have other shapes than this model's (checked before anything loads).
         """
         if not (Path(folder) / _CHECKPOINT_TAG).is_dir():
             raise FileNotFoundError(f"{folder} holds no engine checkpoint (no "
@@ -531,14 +538,13 @@ class TrainEngine:
         from pcc_dist.checkpoint import CheckpointError
 
         path = folder / _PORTABLE_FILE
-        if not path.is_file():
-            raise CheckpointError(
-                f"{folder} was written on {saved_world} ranks and this run has "
-                f"{self.world_size}; its ZeRO partitions only load on {saved_world} ranks and "
-                f"the trainable state was too large (> {PORTABLE_MAX_NUMEL} elements) for a "
-                f"portable copy. Resume on {saved_world} ranks.")
-        # weights_only: a checkpoint is data, never code to execute.
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        if path.is_file():
+            # weights_only: a checkpoint is data, never code to execute.
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            source = "its portable copy"
+        else:  # too large for a portable copy (full-parameter): DeepSpeed's universal format
+            data = self._universal_state(folder)
+            path, source = folder / universal_checkpoint.UNIVERSAL_DIR, "a universal checkpoint"
         trainable = self._trainable()
         names = {n for n, _ in trainable}
         if names != set(data["params"]):
@@ -573,9 +579,18 @@ class TrainEngine:
             for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(),
                                  strict=True):
                 group["lr"] = lr
-        logger.info("loaded %s (written on %d ranks) on %d ranks from its portable copy%s",
-                    folder, saved_world, self.world_size,
+        logger.info("loaded %s (written on %d ranks) on %d ranks from %s%s",
+                    folder, saved_world, self.world_size, source,
                     "" if restore_moments or module_only else " (Adam had not stepped yet)")
+
+    def _universal_state(self, folder: Path) -> dict[str, Any]:
+        """The portable copy's mapping, read from DeepSpeed's universal conversion of the
+        checkpoint (made once, by rank 0; see :mod:`pcc_dist.universal_checkpoint`)."""
+        shapes = {name: _param_shape(param) for name, param in self._trainable()}
+        # A 1-rank run may have no process group; it has nobody to wait for.
+        barrier = torch.distributed.barrier if self.world_size > 1 else (lambda: None)
+        return universal_checkpoint.universal_state(folder, shapes, rank=self.rank,
+                                                    barrier=barrier)
 
     def _init_adam_state(self, step: float) -> None:
         """Create Adam's state for every master partition (torch creates it lazily on the first

@@ -124,3 +124,114 @@ def test_without_zero_checkpoints_save_and_resume_on_another_world_size(tmp_path
     got = losses(out / "stage2")
     assert_same_losses(got, losses(source / "stage2"), after, TOL_ACROSS_W)
     assert len({round(v, 4) for v in got.values()}) >= 8
+
+
+
+def test_lora_universal_conversion_equals_the_portable_copy(tmp_path_factory, tmp_path):
+    """LoRA (frozen base left out of the files): DeepSpeed's universal conversion of a 2-rank
+    checkpoint holds exactly the portable copy's adapters, Adam moments, step and schedule, so
+    the universal path resumes the LoRA trajectory the portable copy does (the test above).
+    Both are kept: see TrainEngine.save_checkpoint for why the portable copy stays."""
+    from pcc_dist.universal_checkpoint import universal_state
+
+    name = f"step-{RESUME_AT:08d}"
+    engine = tmp_path / name / "engine"
+    shutil.copytree(reference(tmp_path_factory, 2) / "stage2" / "checkpoints" / name / "engine",
+                    engine)
+    portable = torch.load(engine / "portable_state.pt", weights_only=True)
+    shapes = {n: t.shape for n, t in portable["params"].items()}
+    assert shapes and all(".lora_" in n for n in shapes)
+    merged = universal_state(engine, shapes, rank=0, barrier=lambda: None)
+    for key in ("params", "exp_avg", "exp_avg_sq"):
+        assert set(merged[key]) == set(shapes)
+        for param in shapes:
+            assert torch.equal(merged[key][param], portable[key][param]), (key, param)
+    assert merged["adam_step"] == portable["adam_step"] == RESUME_AT
+    assert merged["lr_scheduler"] == portable["lr_scheduler"]
+    # Not a comparison of zeros: the moments moved in 10 steps.
+    assert all(portable["exp_avg_sq"][n].abs().sum() > 0 for n in shapes)
+
+# -- full-parameter runs: no portable copy, DeepSpeed's universal checkpoints ---------------------
+
+FULL = "model.mode=full"
+
+
+def _as_too_large_for_a_portable_copy(checkpoint) -> None:
+    """Make a copied checkpoint what a full-parameter 7B run writes: DeepSpeed's files and
+    world.json, no portable copy (its state is above PORTABLE_MAX_NUMEL; the tiny one is not)."""
+    engine = checkpoint / "engine"
+    (engine / "portable_state.pt").unlink()
+    world = json.loads((engine / "world.json").read_text())
+    (engine / "world.json").write_text(json.dumps(world | {"portable": False}))
+
+
+def _resume_copy(source, name, out, world, model, log):
+    """Resume a copy of ``source``'s checkpoint ``name`` (stripped of its portable copy) in the
+    fresh run folder ``out`` on ``world`` ranks; the log of that run."""
+    target = out / "stage2" / "checkpoints" / name
+    shutil.copytree(source / "stage2" / "checkpoints" / name, target)
+    _as_too_large_for_a_portable_copy(target)
+    run(train_cmd(world, model, out, FULL), log)
+    return log.read_text()
+
+
+def test_full_parameter_resume_on_another_world_size_through_universal_checkpoints(
+        tmp_path_factory, tmp_path):
+    """1 -> 2 -> 1 ranks, full-parameter: the uninterrupted 1-rank run's step-10 checkpoint
+    resumed on 2 ranks, whose step-14 checkpoint (written on 2 ranks) is resumed on 1 rank. Both
+    resumes convert DeepSpeed's ZeRO files to the universal format and follow the uninterrupted
+    trajectory within the LoRA path's tolerance (one 2-rank launch for both directions)."""
+    from pcc_dist.universal_checkpoint import universal_state
+
+    model = tiny_llama(tmp_path_factory)
+    source = tmp_path / "w1"
+    run(train_cmd(1, model, source, FULL), tmp_path / "w1.txt")
+    expected = losses(source / "stage2")
+
+    two = tmp_path / "w2"
+    text = _resume_copy(source, f"step-{RESUME_AT:08d}", two, 2, model, tmp_path / "w2.txt")
+    assert "on 2 ranks from a universal checkpoint" in text, text[-3000:]
+    assert (two / "stage2" / "checkpoints" / f"step-{RESUME_AT:08d}" / "engine" / "universal"
+            / "zero").is_dir()
+    # The conversion's scratch folder is gone: nothing but checkpoints in the folder.
+    assert all(p.name.startswith("step-") for p in (two / "stage2" / "checkpoints").iterdir())
+    after = range(RESUME_AT + 1, STEPS + 1)
+    assert [r["step"] for r in step_lines(two / "stage2")] == list(after)
+    assert_same_losses(losses(two / "stage2"), expected, after, TOL_ACROSS_W)
+
+    # Written on 2 ranks, the step-14 checkpoint also has a portable copy (the tiny state is
+    # small): DeepSpeed's merge of its partitions must equal our own gather exactly.
+    step14 = two / "stage2" / "checkpoints" / "step-00000014" / "engine"
+    portable = torch.load(step14 / "portable_state.pt", weights_only=True)
+    shapes = {n: t.shape for n, t in portable["params"].items()}
+    scratch = tmp_path / "convert" / "step-00000014"
+    shutil.copytree(step14, scratch / "engine")
+    merged = universal_state(scratch / "engine", shapes, rank=0, barrier=lambda: None)
+    for key in ("params", "exp_avg", "exp_avg_sq"):
+        assert set(merged[key]) == set(shapes)
+        for name in shapes:
+            assert torch.equal(merged[key][name], portable[key][name]), (key, name)
+    assert merged["adam_step"] == portable["adam_step"] == 14
+    assert merged["lr_scheduler"] == portable["lr_scheduler"]
+
+    one = tmp_path / "back"
+    text = _resume_copy(two, "step-00000014", one, 1, model, tmp_path / "back.txt")
+    assert "on 1 ranks from a universal checkpoint" in text, text[-3000:]
+    after = range(15, STEPS + 1)
+    assert [r["step"] for r in step_lines(one / "stage2")] == list(after)
+    got = losses(one / "stage2")
+    assert_same_losses(got, expected, after, TOL_ACROSS_W)
+    assert len({round(v, 4) for v in got.values()}) >= 5
+
+    # Negative control: the same 2 -> 1 resume from a conversion whose Adam moments are zeroed
+    # (as a converter that lost them would leave it) must leave the tolerance above.
+    lost = tmp_path / "lost"
+    target = lost / "stage2" / "checkpoints" / "step-00000014"
+    shutil.copytree(two / "stage2" / "checkpoints" / "step-00000014", target)
+    _as_too_large_for_a_portable_copy(target)
+    shutil.copytree(scratch / "engine" / "universal", target / "engine" / "universal")
+    for moment in (target / "engine" / "universal" / "zero").glob("*/exp_avg*.pt"):
+        torch.save(torch.zeros_like(torch.load(moment, weights_only=True)), moment)
+    run(train_cmd(1, model, lost, FULL), tmp_path / "lost.txt")
+    departed = losses(lost / "stage2")
+    assert max(abs(departed[s] - expected[s]) for s in after) > 100 * TOL_ACROSS_W

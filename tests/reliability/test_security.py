@@ -253,6 +253,33 @@ def test_deepspeed_checkpoint_files_load_weights_only(tmp_path):
     assert marker.exists()
 
 
+def test_universal_conversion_reads_deepspeed_files_weights_only(tmp_path):
+    # Resuming on another world size without a portable copy runs DeepSpeed's converter
+    # (ds_to_universal), which unpickles every shard with weights_only=False; ours runs it under
+    # a weights-only torch.load. The converter is the real one, so the test breaks if it starts
+    # reading through something our wrapper does not cover.
+    from deepspeed.checkpoint import ds_to_universal
+
+    from pcc_dist.universal_checkpoint import convert
+
+    marker = tmp_path / "PWNED"
+    state = tmp_path / "checkpoints" / "step-00000002" / "engine" / "state"
+    state.mkdir(parents=True)
+    optim = state / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"zero_stage": 3}, "payload": _Armed(marker)}, optim)
+    with pytest.raises(CheckpointError,
+                       match=r"(?s)converting .*step-00000002/engine/state to a universal "
+                             r"checkpoint .* failed: UnpicklingError: Weights only load failed"):
+        convert(state, state.parent / "universal")
+    assert not marker.exists(), "converting a DeepSpeed checkpoint executed code from it"
+    # Nothing half-converted is left, inside the checkpoint or beside it.
+    assert not (state.parent / "universal").exists()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]
+    # Negative control: DeepSpeed's own reader runs the payload.
+    ds_to_universal._get_zero_stage([str(optim)])
+    assert marker.exists()
+
+
 def test_clean_checkpoint_still_loads(tmp_path):
     # Negative control: weights_only must not refuse what the trainer itself writes.
     manager = CheckpointManager(tmp_path / "ck", keep_last=2, rank=0, barrier=lambda: None)
