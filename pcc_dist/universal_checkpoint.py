@@ -42,8 +42,10 @@ def _safe_globals() -> list[Any]:
     """The DeepSpeed classes a checkpoint file may hold besides tensors and containers."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    # fragment_address (two ints): ZeRO-1/2 optimizer files map each parameter to its slice.
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def weights_only_load(path: Path, *, mmap: bool = False) -> Any:

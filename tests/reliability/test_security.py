@@ -280,6 +280,22 @@ def test_universal_conversion_reads_deepspeed_files_weights_only(tmp_path):
     assert marker.exists()
 
 
+
+def test_universal_reader_allows_what_zero_1_2_files_hold(tmp_path):
+    # ZeRO-1/2 optimizer files map each parameter to its slice with DeepSpeed's fragment_address
+    # (two ints); the weights-only reader must allow it or no ZeRO-1/2 checkpoint converts.
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from pcc_dist.universal_checkpoint import weights_only_load
+
+    path = tmp_path / "optim.pt"
+    torch.save({"param_slice_mappings": [{"w": fragment_address(numel=6, start=2)}]}, path)
+    assert weights_only_load(path)["param_slice_mappings"][0]["w"] == fragment_address(6, 2)
+    # Negative control: torch's default allowlist refuses it.
+    with pytest.raises(pickle.UnpicklingError, match="fragment_address"):
+        torch.load(path, weights_only=True)
+
+
 def test_clean_checkpoint_still_loads(tmp_path):
     # Negative control: weights_only must not refuse what the trainer itself writes.
     manager = CheckpointManager(tmp_path / "ck", keep_last=2, rank=0, barrier=lambda: None)
