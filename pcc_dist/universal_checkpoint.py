@@ -185,6 +185,8 @@ def universal_state(folder: Path, shapes: Mapping[str, torch.Size], *, rank: int
     if rank == 0 and not out.is_dir():
         logger.info("converting %s to a universal checkpoint in %s", state_dir, out)
         convert(state_dir, out)
+    # The other ranks wait here for the whole conversion: one longer than the process group's
+    # timeout (torch's default 30 min; a 7B state is ~84 GB to read and write) fails them.
     barrier()
     names = list(shapes)
     data: dict[str, Any] = {key: _LazyTensors(out / "zero", file, names, shapes.__getitem__)
