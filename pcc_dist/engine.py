@@ -421,9 +421,10 @@ class TrainEngine:
         to DeepSpeed's universal format instead (:mod:`pcc_dist.universal_checkpoint`). Without
         ZeRO (stage 0) DeepSpeed's own files load on any W and no copy is needed.
 
-        The portable copy stays although the universal conversion of a LoRA checkpoint holds
-        exactly its tensors (tests/reliability/test_resume_world_size.py): it loads with no
-        conversion pass over every shard, and QLoRA's conversion is not tested (CUDA only).
+        The portable copy stays although the universal conversion of a LoRA (and QLoRA, frozen
+        NF4 base left out) checkpoint holds exactly its tensors
+        (tests/reliability/test_resume_world_size.py): it loads with no conversion pass over
+        every shard and no second copy of the state written into the checkpoint.
 
         Args:
             folder: Target folder (created); the checkpoint manager renames it atomically.
