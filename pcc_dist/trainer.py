@@ -460,6 +460,10 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
         if not getattr(cfg, name).enabled:
             continue
         runner = StageRunner(cfg, name, dist_info, data_root, test_tasks, previous)
+        if engine is not None:
+            # Stage 1's engine and model are freed before stage 2 builds its own.
+            engine.release()
+            embedder = engine = None
         outcome, embedder, engine = runner.run()
         outcomes[name] = asdict(outcome)
         previous = Path(outcome.final_checkpoint)

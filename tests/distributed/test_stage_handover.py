@@ -1,0 +1,154 @@
+"""LoRA on ZeRO-3 across the stage boundary, on 2 CPU ranks (gloo), in one spawned job:
+
+* gradient checkpointing (non-reentrant, frozen base: fixed in DeepSpeed 0.19.3, PR #8148) gives
+  the same LoRA gradients as no checkpointing, and the model really checkpoints (negative
+  control: another batch gives other gradients, so the comparison is not between zeros);
+* stage 1's engine is freed: after ``TrainEngine.release`` and dropping the caller's references,
+  weak references to the DeepSpeed engine, its optimizer and the model are dead;
+* stage 2's warm start reads each rank's own ZeRO-3 partition (DeepSpeed's whole-model fp32
+  rebuild is patched to fail) and gives exactly stage 1's trained adapters with a fresh Adam
+  (negative control: before the load the fresh model's adapters differ).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tiny_models import save_tiny_model  # noqa: E402
+from _zero_spawn import REPO_ROOT, run_ranks  # noqa: E402
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
+
+W, B, SEED = 2, 3, 99
+SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn",
+             "rain falls on the roof", "the sun is warm today", "we walk by the river"]
+
+
+def worker(rank: int, world_size: int, args: dict) -> dict:
+    torch.set_num_threads(1)
+    from deepspeed.utils import safe_get_full_grad
+
+    from pcc_dist.config import load_config
+    from pcc_dist.engine import build_engine
+    from pcc_dist.modeling import load_embedder
+
+    def config(checkpointing: bool):
+        return load_config(None, [
+            f"model.name_or_path={args['model']}", "model.mode=lora", "model.lora.r=4",
+            "model.lora.alpha=8", "model.lora.dropout=0", "model.max_length=16",
+            f"model.gradient_checkpointing={str(checkpointing).lower()}",
+            f"stage1.global_batch_size={W * B}", "stage1.lr=0.05", "stage1.warmup_steps=0",
+            "stage1.schedule=constant", f"train.deepspeed_config={args['ds_config']}"])
+
+    def engine_for(checkpointing: bool):
+        cfg = config(checkpointing)
+        torch.manual_seed(SEED)  # the same LoRA init in every engine
+        embedder = load_embedder(cfg.model, for_training=True)
+        return embedder, build_engine(embedder, cfg, cfg.stage1, total_steps=4)
+
+    def loss_of(embedder, engine, sentences):
+        # A fixed direction: the embeddings are L2-normalised, so |e|^2 would have no gradient.
+        direction = torch.linspace(-1.0, 1.0, embedder.embedding_dim)
+        batch = embedder.tokenize(sentences[rank * B:(rank + 1) * B])
+        return (engine(**batch).float() @ direction).sum()
+
+    def lora_grads(embedder, engine, sentences):
+        loss = loss_of(embedder, engine, sentences)
+        engine.backward(loss, boundary=True)
+        grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()
+                 if p.requires_grad}
+        engine.zero_grad()
+        return grads
+
+    started = time.perf_counter()
+    out: dict = {}
+    ckpt_embedder, ckpt_engine = engine_for(True)
+    plain_embedder, plain_engine = engine_for(False)
+    out["checkpointing_on"] = [bool(e.backbone.base_model.model.is_gradient_checkpointing)
+                               for e in (ckpt_embedder, plain_embedder)]
+    with_ckpt = lora_grads(ckpt_embedder, ckpt_engine, SENTENCES)
+    without = lora_grads(plain_embedder, plain_engine, SENTENCES)
+    other = lora_grads(plain_embedder, plain_engine, SENTENCES[::-1])
+    out["grad_max_diff"] = max((with_ckpt[n] - without[n]).abs().max().item() for n in without)
+    out["grad_scale"] = max(g.abs().max().item() for g in without.values())
+    out["control_diff"] = max((other[n] - without[n]).abs().max().item() for n in without)
+    ckpt_engine.release()
+    del ckpt_engine, ckpt_embedder
+    out["seconds_grads"] = time.perf_counter() - started
+
+    # Stage 1: one step, a checkpoint, then the engine is freed.
+    plain_engine.backward(loss_of(plain_embedder, plain_engine, SENTENCES), boundary=True)
+    plain_engine.step()
+    folder = Path(args["folder"])
+    plain_engine.save_checkpoint(folder)
+    trained = plain_engine.gathered_state_dict(trainable_only=True)
+    refs = {"engine": weakref.ref(plain_engine.deepspeed_engine),
+            "optimizer": weakref.ref(plain_engine.deepspeed_engine.optimizer),
+            "model": weakref.ref(plain_embedder)}
+    plain_engine.release()
+    del plain_engine, plain_embedder
+    out["alive_after_release"] = sorted(k for k, ref in refs.items() if ref() is not None)
+
+    # Stage 2 warm start, with DeepSpeed's whole-model fp32 rebuild made to fail.
+    import deepspeed.runtime.engine as ds_engine_module
+
+    def no_full_rebuild(*_a, **_k):
+        raise AssertionError("the whole fp32 model was rebuilt on this rank")
+
+    ds_engine_module.get_fp32_state_dict_from_zero_checkpoint = no_full_rebuild
+    embedder, engine = engine_for(False)
+    fresh = engine.gathered_state_dict(trainable_only=True)
+    engine.load_checkpoint(folder, module_only=True)
+    loaded = engine.gathered_state_dict(trainable_only=True)
+    if rank == 0:
+        out["before_load_diff"] = max((fresh[n] - trained[n]).abs().max().item() for n in trained)
+        out["after_load_diff"] = max((loaded[n] - trained[n]).abs().max().item() for n in trained)
+    inner = engine.deepspeed_engine.optimizer.optimizer
+    out["adam_state_after_load"] = sum(len(s) for s in inner.state.values())
+    # The warm-started engine trains on.
+    engine.backward(loss_of(embedder, engine, SENTENCES), boundary=True)
+    result = engine.step()
+    out["seconds_total"] = time.perf_counter() - started
+    out["step_applied"] = not result.skipped and result.grad_norm > 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    root = tmp_path_factory.mktemp("handover")
+    model = save_tiny_model(root / "llama", "llama")
+    ds = json.loads((REPO_ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every tensor sliced
+    (root / "zero3.json").write_text(json.dumps(ds))
+    args = {"model": str(model), "ds_config": str(root / "zero3.json"),
+            "folder": str(root / "ckpt")}
+    return run_ranks(f"{__file__}:worker", world_size=W, args=args, timeout=240)
+
+
+def test_gradient_checkpointing_with_lora_on_zero3_gives_the_same_gradients(ranks):
+    print(ranks)
+    for out in ranks:
+        assert out["checkpointing_on"] == [True, False]
+        assert out["grad_scale"] > 1e-4
+        assert out["grad_max_diff"] <= 1e-6 * out["grad_scale"]
+        assert out["control_diff"] > 1e-2 * out["grad_scale"]
+
+
+def test_stage1_engine_is_freed(ranks):
+    assert [out["alive_after_release"] for out in ranks] == [[]] * W
+
+
+def test_stage2_warm_start_loads_the_rank_shards_exactly_with_a_fresh_optimizer(ranks):
+    assert ranks[0]["before_load_diff"] > 1e-3
+    assert ranks[0]["after_load_diff"] == 0.0
+    assert [out["adam_state_after_load"] for out in ranks] == [0] * W
+    assert all(out["step_applied"] for out in ranks)
