@@ -18,7 +18,10 @@ from setuptools import find_packages, setup
 # every constraint; upper bounds stop a future major release from breaking an install silently.
 CORE = [
     "torch>=2.4,<2.15",
-    "deepspeed>=0.16,<0.20",
+    # 0.19.3: ZeRO-3 with frozen parameters (LoRA/QLoRA) and non-reentrant gradient
+    # checkpointing (deepspeedai/DeepSpeed PR #8148). <0.20: pcc_dist.stage_memory and the
+    # portable checkpoints use ZeRO-3 optimizer internals.
+    "deepspeed>=0.19.3,<0.20",
     "transformers>=4.51,<6",
     "datasets>=3.0,<6",
     "mlflow==3.17.2",

@@ -141,14 +141,17 @@ def check_model(cfg: PccConfig, report: PreflightReport) -> None:
 def check_output(cfg: PccConfig, report: PreflightReport) -> None:
     """The run folder can be written (probed without creating it)."""
     from pcc_dist.checkpoint import CheckpointError, preflight_output_dir
+    from pcc_dist.memory_plan import checkpoint_space_needed
 
     folder = Path(cfg.run.output_dir)
+    needed, why = checkpoint_space_needed(cfg)
     try:
-        preflight_output_dir(folder, create=False)
+        preflight_output_dir(folder, needed, create=False)
     except CheckpointError as exc:
-        report.problems.append(f"run.output_dir={cfg.run.output_dir!r}: {exc}")
+        report.problems.append(f"run.output_dir={cfg.run.output_dir!r}: {exc} ({why})")
     else:
-        report.checked.append(f"run.output_dir={cfg.run.output_dir!r}: writable")
+        report.checked.append(f"run.output_dir={cfg.run.output_dir!r}: writable, "
+                              f"{needed / 2**30:.2f} GiB free needed ({why})")
 
 
 def preflight(cfg: PccConfig) -> PreflightReport:
