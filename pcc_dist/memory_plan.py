@@ -8,7 +8,9 @@ What the code does, per rank r of W, with N parameters of which T are trainable:
 
 * weights: every rank loads the whole model in ``model.dtype`` on the host (no ``zero.Init``),
   then DeepSpeed keeps ``N / W`` of it per rank (ZeRO-3) or all of it (ZeRO-0/1/2). A QLoRA base
-  is NF4: 0.5 byte per parameter plus one fp32 absmax per 64 (double quant: ~0.127 bit more);
+  is NF4 (counted for every frozen parameter, though embeddings and norms stay in
+  ``model.dtype``: 2 % of a 7B model): 0.5 byte per parameter plus one fp32 absmax per 64;
+  it is loaded straight onto each GPU (the whole NF4 model once per GPU, before partitioning);
 * gradients: ``T / W`` (ZeRO-2/3) in fp32 (``data_types.grad_accum_dtype``, bf16 runs too);
 * optimizer: fp32 master + Adam m and v = 12 bytes x ``T / W``, on the GPU or, with
   ``offload_optimizer``, in pinned host memory;
@@ -131,8 +133,9 @@ def plan_memory(counts: ParamCounts, *, mode: str, dtype: str, zero_stage: int, 
     gpu = (0 if param_offload else weights_share) + grads + (0 if optimizer_offload else optim)
     host_steady = ranks_per_node * ((optim if optimizer_offload else 0)
                                     + (weights_share if param_offload else 0))
-    # Each rank reads the whole model into host memory before DeepSpeed partitions it.
-    load_peak = host_steady + ranks_per_node * weight_bytes
+    # Each rank reads the whole model into host memory before DeepSpeed partitions it; a QLoRA
+    # base is quantised as it is placed on the GPU (device_map), so it has no host copy.
+    load_peak = host_steady + (0 if mode == "qlora" else ranks_per_node * weight_bytes)
     ckpt = checkpoint_bytes(counts, zero_stage, dtype, mode)
     final = DTYPE_BYTES[dtype] * n if mode == "full" else 4 * t
     return MemoryPlan(params_total=n, params_trainable=t, world_size=w,
@@ -151,13 +154,14 @@ def _folder_bytes(folder: Any) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def checkpoint_space_needed(cfg: Any) -> tuple[int, str]:
+def checkpoint_space_needed(cfg: Any, hf_config: Any = None) -> tuple[int, str]:
     """Free bytes ``run.output_dir`` needs for the checkpoints still to be written, and how that
     was found (for the error message).
 
     The size of one checkpoint is the largest complete one already in the run folder (its real
     size on disk), else :func:`checkpoint_bytes` from the model's parameter counts. The run
     holds ``keep_last`` of them plus the one being written; those already there count.
+    ``hf_config``: the model's config when the caller has read it already (else it is read).
     """
     from pathlib import Path
 
@@ -170,7 +174,7 @@ def checkpoint_space_needed(cfg: Any) -> tuple[int, str]:
         count = max(1, slots - max(sum(1 for p in existing if p.parent == c.parent)
                                    for c in existing))
     else:
-        estimated = _estimated_checkpoint(cfg)
+        estimated = _estimated_checkpoint(cfg, hf_config)
         if estimated is None:
             return FALLBACK_FREE_BYTES, "the smallest useful checkpoint"
         size, how = estimated, "computed from the parameter count (pcc_dist.memory_plan)"
@@ -179,20 +183,20 @@ def checkpoint_space_needed(cfg: Any) -> tuple[int, str]:
                           f"{cfg.checkpoint.keep_last} + the one being written; size {how}")
 
 
-def _estimated_checkpoint(cfg: Any) -> int | None:
+def _estimated_checkpoint(cfg: Any, hf_config: Any = None) -> int | None:
     import json
 
     from pcc_dist.ds_config import find_ds_config
     from pcc_dist.modeling import ModelError, plan_model
 
     try:
-        plan = plan_model(cfg.model)
+        hf_config = hf_config if hf_config is not None else plan_model(cfg.model).hf_config
         stage = int(json.loads(find_ds_config(cfg.train.deepspeed_config).read_text())
                     .get("zero_optimization", {}).get("stage", 0))
     except (ModelError, OSError, ValueError):
         return None  # the model and DeepSpeed checks of the same preflight report the problem
-    if plan.hf_config is None:
+    if hf_config is None:
         return None
     m = cfg.model
-    counts = count_params(plan.hf_config, m.mode, m.lora.r, m.lora.target_modules)
+    counts = count_params(hf_config, m.mode, m.lora.r, m.lora.target_modules)
     return checkpoint_bytes(counts, stage, m.dtype, m.mode)
