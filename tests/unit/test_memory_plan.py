@@ -61,7 +61,8 @@ def test_space_is_sized_from_the_previous_checkpoint_on_disk(tmp_path, tiny_llam
 
 def test_space_without_a_checkpoint_is_computed_from_the_parameter_count(tmp_path,
                                                                          tiny_llama_dir):
-    small, _ = checkpoint_space_needed(_cfg(tmp_path, tiny_llama_dir, "model.mode=lora", "model.lora.r=4"))
+    small, _ = checkpoint_space_needed(
+        _cfg(tmp_path, tiny_llama_dir, "model.mode=lora", "model.lora.r=4"))
     full, why = checkpoint_space_needed(_cfg(tmp_path, tiny_llama_dir))
     assert "computed from the parameter count" in why
     assert 0 < small < full  # adapters only vs every weight with its Adam state
