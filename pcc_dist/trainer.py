@@ -5,9 +5,9 @@ Reads as a list of named steps. Each stage:
 1. load its data, de-contaminate it against the STS7 test sets, rescale stage-2 scores;
 2. build a fresh embedder and engine; start from the previous stage's final weights, or resume
    from this stage's newest complete checkpoint (model, optimizer, scheduler, RNG, data position);
-3. for each optimizer step: take this rank's slice of the global batch, tokenise its views, run
-   the gradient cache (or a plain forward/backward), step the engine (non-finite steps are skipped
-   on every rank), log, evaluate on STS-B dev, checkpoint;
+3. for each optimizer step: take this rank's slice of the global batch (tokenised a step ahead),
+   run the gradient cache (or plain forwards/backward) over length-sorted chunks, step the engine
+   (non-finite steps are skipped on every rank), log, evaluate on STS-B dev, checkpoint;
 4. save a final checkpoint (the next stage starts from it) and export the model.
 
 The loss of every step is computed over the whole global batch of N examples whatever the world
