@@ -96,6 +96,9 @@ SCRIPTS: tuple[Script, ...] = (
                        "peer_quality_quick"),
            quick_result="peer_quality_quick", timeout=2400,
            plots=("",)),
+    # Tokenisation only (one epoch of the demo's stage-2 steps), ~15 s.
+    Script("padding", args=(), quick_args=("--steps", "8", "--out", "padding_quick"),
+           quick_result="padding_quick", timeout=600),
 )
 
 
@@ -239,6 +242,15 @@ def _kernel_resources(doc: dict) -> list[Row]:
     return rows
 
 
+def _padding(doc: dict) -> list[Row]:
+    return [_row("padding", f"processed tokens per stage-2 step, whole views / {way}",
+                 res.get("fewer_than_whole_view"),
+                 f"{res.get('processed_tokens_per_step', 0):.0f} processed, "
+                 f"{res.get('real_token_fraction', 0):.1%} real; batch "
+                 f"{doc.get('global_batch_size')}, {doc.get('steps')} steps")
+            for way, res in doc.get("ways", {}).items() if way != "whole_view"]
+
+
 EXTRACTORS: dict[str, Callable[[dict], list[Row]]] = {
     "eval_speed": _eval_speed,
     "losses": _losses,
@@ -248,6 +260,7 @@ EXTRACTORS: dict[str, Callable[[dict], list[Row]]] = {
     "scaling": _scaling,
     "peer_quality": _peer_quality,
     "kernel_resources": _kernel_resources,
+    "padding": _padding,
 }
 
 
