@@ -33,6 +33,7 @@ from torch import nn
 from pcc_dist.config import PccConfig, StageSettings
 from pcc_dist.distributed import free_port
 from pcc_dist.ds_config import import_deepspeed, resolve_ds_config
+from pcc_dist.single_rank import single_rank_ds_config
 
 logger = logging.getLogger(__name__)
 
@@ -433,7 +434,7 @@ class TrainEngine:
                 torch.save(portable, Path(folder) / _PORTABLE_FILE)
             (Path(folder) / _WORLD_FILE).write_text(json.dumps(
                 {"world_size": self.world_size, "portable": portable is not None,
-                 "shapes": self._trainable_shapes()}))
+                 "zero_stage": self.zero_stage, "shapes": self._trainable_shapes()}))
 
     def load_checkpoint(self, folder: str | os.PathLike, *, module_only: bool = False) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint`.
@@ -461,7 +462,7 @@ class TrainEngine:
         saved_world = saved.get("world_size") if saved is not None else None
         if saved is not None and "shapes" in saved:  # older checkpoints did not record them
             _check_same_shapes(Path(folder), saved["shapes"], self._trainable_shapes())
-        if saved_world is not None and saved_world != self.world_size and self._partitioned():
+        if self._partitioned() and _other_layout(saved, self.world_size, self.zero_stage):
             self._load_portable(Path(folder), saved_world, module_only)
             return
         with _weights_only_loads(self._ds.checkpoint_engine):
@@ -693,6 +694,8 @@ def _read_world_file(world_file: Path) -> dict[str, Any] | None:
     try:
         saved = json.loads(world_file.read_text(encoding="utf-8"))
         saved["world_size"] = int(saved["world_size"])
+        if saved.get("zero_stage", 0) not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage is {saved['zero_stage']!r}, not 0-3")
         shapes = saved.get("shapes", {})
         if not isinstance(shapes, dict) or not all(
                 isinstance(s, list) and all(isinstance(d, int) for d in s)
@@ -702,6 +705,22 @@ def _read_world_file(world_file: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{world_file} is damaged ({exc!r}); resume from an earlier "
                               "checkpoint.") from exc
     return saved
+
+
+def _other_layout(saved: dict[str, Any] | None, world_size: int, zero_stage: int) -> bool:
+    """Whether DeepSpeed's files in a checkpoint were cut for another world size or ZeRO stage
+    than this engine's (then only the portable copy loads). One rank trains at ZeRO-1 by default
+    (:mod:`pcc_dist.single_rank`), so a 1-rank checkpoint may come from stage 1 or, written
+    before that default or with ``train.single_rank_keep_zero``, from stage 3. Checkpoints from
+    before ``zero_stage`` was recorded were written with a portable copy exactly when they were
+    partitioned, i.e. by the ZeRO-3 default then; without one, their stage is unknown and taken
+    as this engine's."""
+    if saved is None:
+        return False
+    if saved["world_size"] != world_size:
+        return True
+    stage = saved.get("zero_stage", 3 if saved.get("portable") else zero_stage)
+    return int(stage) != zero_stage
 
 
 def _lora_rank_change(name: str, saved: list[int], current: list[int]) -> str | None:
@@ -794,8 +813,12 @@ def build_engine(model: nn.Module, cfg: PccConfig, stage: StageSettings,
         ConfigError: when the DeepSpeed JSON does not fit the TrainConfig.
     """
     info = init_distributed()
-    ds_config = _single_rank_zero3(resolve_ds_config(cfg, stage, info.world_size),
-                                   info.world_size)
+    ds_config, stage_reason = single_rank_ds_config(
+        resolve_ds_config(cfg, stage, info.world_size), info.world_size,
+        keep_zero=cfg.train.single_rank_keep_zero)
+    ds_config = _single_rank_zero3(ds_config, info.world_size)
+    if stage_reason is not None:
+        logger.info("engine: %s", stage_reason)
     deepspeed = import_deepspeed()
     optimizer = _build_optimizer(model, cfg, stage, ds_config)
     factor = WarmupDecay(stage.warmup_steps, total_steps, stage.schedule)
