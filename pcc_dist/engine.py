@@ -587,6 +587,13 @@ class TrainEngine:
             state["step"] = torch.tensor(float(step), dtype=torch.float32)
             for key in _ADAM_MOMENTS:
                 state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        # ZeRO-1/2 point each parameter's optimizer-state fragment at views of this state only
+        # after their first step(); safe_set_full_optimizer_state writes through those views, so
+        # link them now (ZeRO-3 has no such links: _set_full writes its partitions directly).
+        link = getattr(self._ds.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:
+            self._ds.optimizer._hp_optimizer_states_linked = False
+            link()
 
     def _set_full(self, param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:
         """Write a whole tensor into this rank's partition of the fp32 master weight (key None)
