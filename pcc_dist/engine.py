@@ -33,7 +33,7 @@ from torch import nn
 from pcc_dist.config import PccConfig, StageSettings
 from pcc_dist.distributed import free_port
 from pcc_dist.ds_config import import_deepspeed, resolve_ds_config
-from pcc_dist.single_rank import single_rank_ds_config
+from pcc_dist.single_rank import other_layout, single_rank_ds_config
 
 logger = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ class TrainEngine:
         saved_world = saved.get("world_size") if saved is not None else None
         if saved is not None and "shapes" in saved:  # older checkpoints did not record them
             _check_same_shapes(Path(folder), saved["shapes"], self._trainable_shapes())
-        if self._partitioned() and _other_layout(saved, self.world_size, self.zero_stage):
+        if self._partitioned() and other_layout(saved, self.world_size, self.zero_stage):
             self._load_portable(Path(folder), saved_world, module_only)
             return
         with _weights_only_loads(self._ds.checkpoint_engine):
@@ -712,22 +712,6 @@ def _read_world_file(world_file: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{world_file} is damaged ({exc!r}); resume from an earlier "
                               "checkpoint.") from exc
     return saved
-
-
-def _other_layout(saved: dict[str, Any] | None, world_size: int, zero_stage: int) -> bool:
-    """Whether DeepSpeed's files in a checkpoint were cut for another world size or ZeRO stage
-    than this engine's (then only the portable copy loads). One rank trains at ZeRO-1 by default
-    (:mod:`pcc_dist.single_rank`), so a 1-rank checkpoint may come from stage 1 or, written
-    before that default or with ``train.single_rank_keep_zero``, from stage 3. Checkpoints from
-    before ``zero_stage`` was recorded were written with a portable copy exactly when they were
-    partitioned, i.e. by the ZeRO-3 default then; without one, their stage is unknown and taken
-    as this engine's."""
-    if saved is None:
-        return False
-    if saved["world_size"] != world_size:
-        return True
-    stage = saved.get("zero_stage", 3 if saved.get("portable") else zero_stage)
-    return int(stage) != zero_stage
 
 
 def _lora_rank_change(name: str, saved: list[int], current: list[int]) -> str | None:

@@ -99,3 +99,19 @@ def single_rank_ds_config(ds_config: dict[str, Any], world_size: int,
                        f"JSON's {stage}: with W=1 a partition is the whole model, so stage "
                        f"{stage}'s per-module hooks cost time and save nothing (set "
                        "train.single_rank_keep_zero=true to keep it)")
+
+
+def other_layout(saved: dict[str, Any] | None, world_size: int, zero_stage: int) -> bool:
+    """Whether DeepSpeed's files in a checkpoint were cut for another world size or ZeRO stage
+    than this engine's (then only the portable copy loads). One rank trains at ZeRO-1 by default
+    (above), so a 1-rank checkpoint may come from stage 1 or, written
+    before that default or with ``train.single_rank_keep_zero``, from stage 3. Checkpoints from
+    before ``zero_stage`` was recorded were written with a portable copy exactly when they were
+    partitioned, i.e. by the ZeRO-3 default then; without one, their stage is unknown and taken
+    as this engine's."""
+    if saved is None:
+        return False
+    if saved["world_size"] != world_size:
+        return True
+    stage = saved.get("zero_stage", 3 if saved.get("portable") else zero_stage)
+    return int(stage) != zero_stage

@@ -1,6 +1,6 @@
 """One rank without offload trains at ZeRO-1 (pcc_dist.single_rank), unless the JSON offloads or
 ``train.single_rank_keep_zero`` is set; a checkpoint cut for another world size or stage loads
-from its portable copy (pcc_dist.engine._other_layout)."""
+from its portable copy (pcc_dist.single_rank.other_layout)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import pytest
 
 from pcc_dist.config import load_config
 from pcc_dist.ds_config import find_ds_config
-from pcc_dist.engine import _other_layout
-from pcc_dist.single_rank import SINGLE_RANK_STAGE, single_rank_ds_config
+from pcc_dist.single_rank import SINGLE_RANK_STAGE, other_layout, single_rank_ds_config
 
 
 def _zero3() -> dict:
@@ -72,4 +71,4 @@ def test_the_config_field_defaults_to_off_and_parses(tmp_path):
     ({"world_size": 1, "portable": False}, 1, 0, False),              # unknown: as this engine
 ])
 def test_other_layout_decides_when_the_portable_copy_loads(saved, world, stage, other):
-    assert _other_layout(saved, world, stage) is other
+    assert other_layout(saved, world, stage) is other
