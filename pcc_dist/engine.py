@@ -507,6 +507,8 @@ class TrainEngine:
         inner = self._ds.optimizer.optimizer
         flats = self._master_partitions()
         has_moments = all("exp_avg" in inner.state.get(f, {}) for f in flats)
+        if has_moments:
+            self._link_state_fragments()
         out: dict[str, Any] = {"format": 1, "world_size": self.world_size, "params": {},
                                **{key: {} for key in _ADAM_MOMENTS}}
         for name, param in self._trainable():
@@ -587,9 +589,19 @@ class TrainEngine:
             state["step"] = torch.tensor(float(step), dtype=torch.float32)
             for key in _ADAM_MOMENTS:
                 state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-        # ZeRO-1/2 point each parameter's optimizer-state fragment at views of this state only
-        # after their first step(); safe_set_full_optimizer_state writes through those views, so
-        # link them now (ZeRO-3 has no such links: _set_full writes its partitions directly).
+        self._link_state_fragments()
+
+    def _link_state_fragments(self) -> None:
+        """Point every parameter's ZeRO-1/2 optimizer-state fragments at the current state.
+
+        ``safe_get/set_full_optimizer_state`` read and write through per-parameter views of
+        Adam's flat state, which DeepSpeed 0.19.8 links once, right after the first group's
+        first step: a fresh engine has none (so a portable load could not write the moments),
+        and with two parameter groups (decay / no decay) the second group's state does not
+        exist yet then, so its parameters never get views ("exp_avg not found in optimizer state
+        fragment" on save, measured with a full-parameter model at ZeRO-1). Re-linking when the
+        state exists fixes both. No-op under ZeRO-3, which has no such views.
+        """
         link = getattr(self._ds.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:
             self._ds.optimizer._hp_optimizer_states_linked = False
