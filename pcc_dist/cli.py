@@ -30,6 +30,12 @@ def _train_parser() -> argparse.ArgumentParser:
                              "and the output folder, print the resolved config and exit 0 (2 "
                              "and every problem found otherwise); starts no process group and "
                              "loads no weights.")
+    # The HF Trainer's `--deepspeed ds.json` and DeepSpeed's own `--deepspeed_config ds.json`
+    # (deepspeed.add_config_arguments): both are train.deepspeed_config.
+    parser.add_argument("--deepspeed", "--deepspeed_config", "--deepspeed-config",
+                        dest="deepspeed_config", metavar="PATH",
+                        help="DeepSpeed JSON (or a built-in name: zero3, zero3_offload, zero2); "
+                             "the same as train.deepspeed_config=PATH.")
     # The `deepspeed` launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)
@@ -37,10 +43,21 @@ def _train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(config_path: str | None, overrides: list[str]) -> PccConfig | None:
-    """Load the config or print every problem to stderr and return None."""
+def resolve_config(config_path: str | None, overrides: list[str],
+                   deepspeed_config: str | None = None) -> PccConfig | None:
+    """Load the config or print every problem to stderr and return None.
+
+    ``deepspeed_config`` (``--deepspeed PATH``) becomes the override ``train.deepspeed_config``,
+    applied before the ``key=value`` overrides; a problem with it names the flag.
+    """
+    flags: list[str] = []
+    labels: dict[str, str] = {}
+    if deepspeed_config is not None:
+        flag = f"train.deepspeed_config={deepspeed_config}"
+        flags.append(flag)
+        labels[flag] = f"--deepspeed {deepspeed_config}"
     try:
-        return load_config(config_path, overrides)
+        return load_config(config_path, [*flags, *overrides], labels=labels)
     except ConfigError as exc:
         print(f"pcc-train: {exc}", file=sys.stderr)
         return None
@@ -76,14 +93,15 @@ def configure_logging() -> None:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """``pcc-train --config FILE [--validate] [key=value ...]``; ``pcc-train sync-mlflow DIR``."""
+    """``pcc-train --config FILE [--deepspeed JSON] [--validate] [key=value ...]``;
+    ``pcc-train sync-mlflow DIR``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["sync-mlflow"]:
         from pcc_dist.tracking import sync_main
 
         return sync_main(argv[1:])
     args = _train_parser().parse_args(argv)
-    cfg = resolve_config(args.config, args.overrides)
+    cfg = resolve_config(args.config, args.overrides, args.deepspeed_config)
     if cfg is None:
         return EXIT_CONFIG_ERROR
     if args.validate:

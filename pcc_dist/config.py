@@ -27,6 +27,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from pcc_dist.hf_names import apply_aliases, canonical_key, hf_hint
+
 STS7_TASKS = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
 PROMPT_NAMES = ("PromptEOL", "PromptSUM", "PromptSTH")
 
@@ -220,6 +222,10 @@ class CheckpointSettings:
     keep_last: int = 2
     # "auto" resumes from the newest complete checkpoint in run.output_dir, "never" starts fresh.
     resume: Literal["auto", "never"] = "auto"
+    # Resume from this checkpoint folder (a `checkpoint-<step>` folder of any run; the HF
+    # Trainer's resume_from_checkpoint) instead of the newest in run.output_dir; wins over
+    # `resume`.
+    resume_from: str | None = None
 
 
 @dataclass
@@ -367,7 +373,8 @@ def _build(cls: type, raw: Any, path: str, problems: list[str], base: Any) -> An
         dotted = f"{path}.{key}" if path else str(key)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-            hint = f"did you mean `{(path + '.') if path else ''}{close[0]}`?" if close else (
+            hint = hf_hint(path, str(key)) or (
+                f"did you mean `{(path + '.') if path else ''}{close[0]}`?" if close else
                 f"valid keys here: {', '.join(names)}.")
             problems.append(f"{dotted}: unknown key; {hint}")
             continue
@@ -502,6 +509,7 @@ def parse_overrides(overrides: list[str], problems: list[str],
             problems.append(f"override {item!r}: expected `section.key=value`, "
                             "e.g. `stage2.lr=1e-4`.")
             continue
+        key = canonical_key(key)  # an HF name (stage2.learning_rate) is our key (stage2.lr)
         _set_dotted(tree, key, _override_value(text, _field_type(key)))
         if origins is not None:
             origins[key] = (labels or {}).get(item, f"the command-line override `{item}`")
@@ -791,7 +799,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             a problem comes from it.
     """
     file_problems: list[str] = []
-    raw = read_yaml(path, file_problems) if path is not None else {}
+    raw = apply_aliases(read_yaml(path, file_problems) if path is not None else {},
+                        file_problems)
     override_problems: list[str] = []
     origins: dict[str, str] = {}
     raw = _merge(raw, parse_overrides(list(overrides or []), override_problems, origins, labels))

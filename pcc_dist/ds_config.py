@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pcc_dist.config import ConfigError, PccConfig, StageSettings
+from pcc_dist.ds_hf_auto import drop_auto_blocks, fill_hidden_size_autos
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def import_deepspeed() -> Any:
         import deepspeed
     except ImportError as exc:
         raise ImportError(
-            "the training engine needs DeepSpeed: pip install 'deepspeed>=0.16,<0.20' "
+            "the training engine needs DeepSpeed: pip install 'deepspeed>=0.19.3,<0.20' "
             "(a core dependency of pcc-dist; reinstall with `pip install -e .`)") from exc
     return deepspeed
 
@@ -443,6 +444,28 @@ def _guard_problems(ds: dict[str, Any], path: Path, cfg: PccConfig) -> list[str]
     return problems
 
 
+def _fp32_grad_accumulation(ds: dict[str, Any], path: Path) -> list[str]:
+    """Under bf16 with ZeRO-2/3, accumulate gradient partitions in fp32.
+
+    Without ``data_types.grad_accum_dtype`` DeepSpeed keeps them in the model dtype, so the
+    gradient cache's k = ceil(B / C) backward calls per step are summed in bf16 (8 significant
+    bits: each addition rounds at a relative 2**-9 = 0.2 %), before the fp32 master step. With
+    "fp32" only each backward's own gradient is bf16; the sum over the k calls, the reduce over
+    the ranks and the optimizer step are fp32. Stage 0 and 1 are left alone: DeepSpeed refuses
+    the mix at stage 0 and switches stage 1 to another optimizer class (BF16_Optimizer), whose
+    checkpoints the portable-state code does not read. A value the JSON sets is kept.
+    """
+    zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if not ds.get("bf16", {}).get("enabled") or zero_stage not in (2, 3):
+        return []
+    types = ds.setdefault("data_types", {})
+    if not isinstance(types, dict):
+        return [f"{path}: \"data_types\" must be an object, e.g. "
+                '{"grad_accum_dtype": "fp32"}; got ' f"{_show(types)}."]
+    types.setdefault("grad_accum_dtype", "fp32")
+    return []
+
+
 def _parser_problem(ds: dict[str, Any], path: Path) -> list[str]:
     """DeepSpeed's whole config parser (what ``deepspeed.initialize`` runs) on the resolved dict,
     for values in sections no pydantic model covers (e.g. ``"wall_clock_breakdown": null`` is a
@@ -497,11 +520,15 @@ def resolve_ds_config(cfg: PccConfig, stage: StageSettings, world_size: int) -> 
                             "DeepSpeed reads only \"bf16\": delete \"bfloat16\".")
         else:
             ds["bf16"] = ds.pop("bfloat16")
+    # A stock HF Trainer JSON: its all-"auto" optimizer/scheduler blocks and hidden-size sizes.
+    drop_auto_blocks(ds, path)
+    problems += fill_hidden_size_autos(ds, path, cfg)
     problems += _section_problems(ds, path)
     problems += _refused_blocks(ds, path, name)
     problems += _fill_owned(ds, path, cfg, stage, name, world_size)
     problems += _deepspeed_problems(ds, path)
     problems += _guard_problems(ds, path, cfg)
+    problems += _fp32_grad_accumulation(ds, path)
     if not problems:
         problems = _parser_problem(ds, path)
     if problems:

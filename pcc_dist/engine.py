@@ -205,8 +205,11 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 def _build_optimizer(model: nn.Module, cfg: PccConfig, stage: StageSettings,
                      ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+    from pcc_dist.offload import use_deepspeed_cpu_adam
+
     groups = _param_groups(model, stage.weight_decay)
-    if cfg.train.optimizer == "adamw_torch":
+    cpu_adam = use_deepspeed_cpu_adam(cfg.train.optimizer, ds_config)
+    if cfg.train.optimizer == "adamw_torch" and not cpu_adam:
         return torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.999), eps=1e-8)
     zero = ds_config.get("zero_optimization", {})
     offload = isinstance(zero.get("offload_optimizer"), dict) and \
@@ -465,6 +468,12 @@ class TrainEngine:
         if self._partitioned() and other_layout(saved, self.world_size, self.zero_stage):
             self._load_portable(Path(folder), saved_world, module_only)
             return
+        if module_only and self.zero_stage == 3:
+            # Each rank reads its own shard, not the whole fp32 model (pcc_dist.stage_memory).
+            from pcc_dist.stage_memory import load_zero3_weights
+
+            load_zero3_weights(self._ds, Path(folder), _CHECKPOINT_TAG, self.world_size)
+            return
         with _weights_only_loads(self._ds.checkpoint_engine):
             load_path, _ = self._ds.load_checkpoint(
                 str(folder), tag=_CHECKPOINT_TAG, load_module_strict=not self._has_frozen,
@@ -633,6 +642,14 @@ class TrainEngine:
             # The module's (possibly lower-precision) copy; modifier_rank=0 re-partitions it.
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 param.data.copy_(flat.view(param.shape).to(param.device, param.dtype))
+
+    def release(self) -> None:
+        """Free the DeepSpeed engine's memory (:func:`pcc_dist.stage_memory.release_engine`);
+        the engine cannot be used afterwards."""
+        from pcc_dist.stage_memory import release_engine
+
+        release_engine(self)
+        self._ds = None
 
     def gathered_state_dict(self, *, trainable_only: bool | None = None,
                             dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -815,10 +832,15 @@ def build_engine(model: nn.Module, cfg: PccConfig, stage: StageSettings,
     Raises:
         ConfigError: when the DeepSpeed JSON does not fit the TrainConfig.
     """
+    from pcc_dist.offload import choose_param_offload, local_gpu_bytes
+
     info = init_distributed()
-    ds_config, stage_reason = single_rank_ds_config(
-        resolve_ds_config(cfg, stage, info.world_size), info.world_size,
-        keep_zero=cfg.train.single_rank_keep_zero)
+    ds_config = resolve_ds_config(cfg, stage, info.world_size)
+    n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+    # Offload first: a one-rank run whose parameter offload is dropped needs no ZeRO-3 either.
+    ds_config = choose_param_offload(ds_config, n_params, info.world_size, local_gpu_bytes())
+    ds_config, stage_reason = single_rank_ds_config(ds_config, info.world_size,
+                                                    keep_zero=cfg.train.single_rank_keep_zero)
     ds_config = _single_rank_zero3(ds_config, info.world_size)
     if stage_reason is not None:
         logger.info("engine: %s", stage_reason)

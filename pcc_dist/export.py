@@ -15,9 +15,11 @@ in-memory :class:`~pcc_dist.modeling.Embedder`, and write a new folder:
     base would not: the adapter was fitted to the quantised weights). ``quantization="none"`` merges
     into the original base instead (logged).
 ``sentence-transformers``
-    The merged folder plus sentence-transformers' module files, so that
-    ``SentenceTransformer(path).encode(sentences)`` reproduces :meth:`Embedder.encode`. Standard
-    modules only, no ``trust_remote_code``:
+    The merged folder saved again by sentence-transformers' own ``SentenceTransformer.save()``
+    from its own modules (:mod:`pcc_dist.st_modules`), so that
+    ``SentenceTransformer(path).encode(sentences)`` reproduces :meth:`Embedder.encode`, plus a
+    model card (README.md, :mod:`pcc_dist.model_card`). Standard modules only, no
+    ``trust_remote_code``:
 
     * ``Transformer`` + ``Pooling`` (``lasttoken`` for decoders, ``mean``/``cls`` for encoders), no
       ``Normalize`` (our embeddings are raw; cosine similarity is unaffected).
@@ -69,6 +71,7 @@ from typing import Any
 
 import torch
 
+from pcc_dist.model_card import write_model_card
 from pcc_dist.modeling import (
     ADAPTER_DIR,
     DTYPES,
@@ -89,6 +92,7 @@ from pcc_dist.modeling import (
     resolve_training_run,
     save_embedder,
 )
+from pcc_dist.st_modules import import_sentence_transformers, save_sentence_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -402,67 +406,6 @@ def _check_chat_template(embedder: Embedder, tokenizer: Any) -> None:
             )
 
 
-def _sentence_transformers_files(out: Path, embedder: Embedder, dim: int) -> int:
-    """Write the sentence-transformers module files.
-
-    Files: modules.json, sentence_bert_config.json, 1_Pooling/config.json and
-    config_sentence_transformers.json.
-
-    Encoders get the classic file contents every sentence-transformers release reads. Prompted
-    models need the 6.x ``sentence_bert_config.json`` with an explicit ``message`` modality: a
-    config without ``modality_config`` is treated as text-only and would bypass the chat template.
-    Pooling uses the classic key spellings, which 6.x converts on load.
-
-    Returns:
-        ``max_seq_length``: the sentence limit plus the template and special-token overhead.
-    """
-    max_seq_length = embedder.max_length + embedder.overhead_tokens()
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.models.Pooling",
-        },
-    ]
-    mode = {"last": "lasttoken", "mean": "mean_tokens", "cls": "cls_token"}[embedder.pooling]
-    pooling = {
-        "word_embedding_dimension": dim,
-        "pooling_mode_cls_token": mode == "cls_token",
-        "pooling_mode_mean_tokens": mode == "mean_tokens",
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": mode == "lasttoken",
-        "include_prompt": True,
-    }
-    transformer: dict[str, Any] = {"max_seq_length": max_seq_length, "do_lower_case": False}
-    if embedder.template is not None:
-        forward = {"method": "forward", "method_output_name": "last_hidden_state"}
-        transformer.update(
-            transformer_task="feature-extraction",
-            modality_config={"text": dict(forward), "message": {**forward, "format": "flat"}},
-            module_output_name="token_embeddings",
-        )
-    st_config = {
-        "__version__": {"pcc_dist": _version(), "pytorch": torch.__version__},
-        "prompts": {},
-        "default_prompt_name": None,
-        "similarity_fn_name": "cosine",
-    }
-    files = {
-        "modules.json": modules,
-        "1_Pooling/config.json": pooling,
-        "sentence_bert_config.json": transformer,
-        "config_sentence_transformers.json": st_config,
-    }
-    (out / "1_Pooling").mkdir(exist_ok=True)
-    for name, content in files.items():
-        (out / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    return max_seq_length
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -494,6 +437,8 @@ def export_sentence_transformers(
     with _export(source, out, overwrite) as (run, meta, staging):
         _write_merged(run, meta, staging, quantization, dtype)
         _write_sentence_transformers(staging)
+        write_model_card(staging, read_run_config(staging),
+                         None if isinstance(source, Embedder) else run)
     logger.info("exported a sentence-transformers folder to %s", out)
     return out
 
@@ -513,7 +458,7 @@ def _write_sentence_transformers(folder: Path) -> None:
         max_length=meta["max_length"],
     )
     tokenizer.padding_side = "right"
-    max_seq_length = _sentence_transformers_files(folder, reference, int(meta["embedding_dim"]))
+    max_seq_length = reference.max_length + reference.overhead_tokens()
     if reference.template is not None:
         if getattr(tokenizer, "chat_template", None):
             logger.info("replacing the tokenizer's chat template with the prompt template")
@@ -524,6 +469,10 @@ def _write_sentence_transformers(folder: Path) -> None:
     # sentence-transformers truncates at the tokenizer's model_max_length.
     tokenizer.model_max_length = max_seq_length
     tokenizer.save_pretrained(folder)
+    # Then sentence-transformers' own modules over that folder, written by its own save().
+    save_sentence_transformer(folder, pooling=meta["pooling"],
+                              prompted=reference.template is not None,
+                              max_seq_length=max_seq_length)
 
 
 def verify_sentence_transformers(
@@ -538,13 +487,7 @@ def verify_sentence_transformers(
     Raises:
         ExportError: sentence-transformers is missing, or a cosine is below ``min_cosine``.
     """
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as exc:
-        raise ExportError(
-            "verifying a sentence-transformers export needs sentence-transformers>=6: "
-            "pip install 'sentence-transformers>=6' (part of pip install pcc-dist[dev])."
-        ) from exc
+    SentenceTransformer = import_sentence_transformers()[0]  # noqa: N806 - a class
     model = SentenceTransformer(str(folder), device=str(embedder.device))
     theirs = (
         model.encode(list(sentences), convert_to_tensor=True, normalize_embeddings=False)
@@ -598,6 +541,10 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         "pcc_dist's on probe sentences",
     )
     parser.add_argument(
+        "--device", default="auto",
+        help="where --verify embeds: auto (CUDA when available), cpu, cuda or cuda:N",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace a non-empty out_dir; the new export is written next to it and replaces it "
@@ -621,16 +568,21 @@ def export_main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
             )
         if args.verify and args.format == "sentence-transformers":
-            _verify(args.run_dir, args.out_dir, args.quantization)
+            _verify(args.run_dir, args.out_dir, args.quantization, args.device)
     except ModelError as exc:
         print(f"pcc-export: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def _verify(run_dir: str, out_dir: str, quantization: str) -> None:
-    """``--verify``: the export's embeddings against pcc_dist's on the probe sentences."""
-    embedder = load_embedder_from_run(run_dir, quantization=quantization)
+def _verify(run_dir: str, out_dir: str, quantization: str, device: str = "auto") -> None:
+    """``--verify``: the export's embeddings against pcc_dist's on the probe sentences (both on
+    the ``--device`` chosen by :func:`pcc_dist.devices.choose_device`)."""
+    from pcc_dist.devices import choose_device, place_for_inference
+
+    where = choose_device(device)  # before the weights load: a wrong flag fails at once
+    embedder = place_for_inference(load_embedder_from_run(run_dir, quantization=quantization),
+                                   where)
     cosine = verify_sentence_transformers(out_dir, embedder, [p for p in PROBES if p.strip()])
     logger.info(
         "verified: min cosine %.6f over %d probe sentences", float(cosine.min()), len(cosine)

@@ -45,6 +45,7 @@ from pcc_dist.data import (
 )
 from pcc_dist.evaluation import evaluate_sts, format_table
 from pcc_dist.progress import progress_enabled
+from pcc_dist.resume_from import explicit_resume_point
 from pcc_dist.sampling import GlobalBatchPlan
 from pcc_dist.sharded_encode import ShardedEncoder
 
@@ -319,6 +320,9 @@ class StageRunner:
         """Clear writes that died, then pick the newest intact checkpoint (every rank the same
         one; damaged ones are skipped with a warning), or None to start the stage afresh."""
         checkpoints.remove_incomplete()
+        explicit = explicit_resume_point(self.cfg, self.name, checkpoints)
+        if explicit is not None:
+            return explicit
         if self.cfg.checkpoint.resume != "auto":
             return None
         return checkpoints.latest_intact()
@@ -444,7 +448,11 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
     # folder fails in seconds with its name, not after the first checkpoint interval. (Each rank
     # probes with its own file, so a shared folder is fine.) Likewise a missing or damaged model
     # folder (only small files and headers are read).
-    preflight_output_dir(run_dir)
+    from pcc_dist.memory_plan import checkpoint_space_needed
+
+    needed, why = checkpoint_space_needed(cfg)
+    logger.info("run.output_dir needs %.2f GiB free: %s", needed / 2**30, why)
+    preflight_output_dir(run_dir, needed)
     check_model_files(cfg.model)
     dist_info = _dist()
     if dist_info.rank == 0:
@@ -460,6 +468,10 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
         if not getattr(cfg, name).enabled:
             continue
         runner = StageRunner(cfg, name, dist_info, data_root, test_tasks, previous)
+        if engine is not None:
+            # Stage 1's engine and model are freed before stage 2 builds its own.
+            engine.release()
+            embedder = engine = None
         outcome, embedder, engine = runner.run()
         outcomes[name] = asdict(outcome)
         previous = Path(outcome.final_checkpoint)

@@ -15,6 +15,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _venv_bin = str(Path(sys.executable).parent)
 if os.environ.get("PATH", "").split(os.pathsep)[0] != _venv_bin:
     os.environ["PATH"] = _venv_bin + os.pathsep + os.environ.get("PATH", "")
+# And one build folder for that op: every process of the suite inherits this one, so a fresh
+# machine builds it once (~1 min on 2 cores) instead of once per cache folder, and other jobs'
+# builds in the shared ~/.cache/torch_extensions never hold our build lock.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                      str(Path.home() / ".cache" / "pcc_dist_tests" / "torch_extensions"))
 
 
 def pytest_collection_modifyitems(config, items):

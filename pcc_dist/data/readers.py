@@ -447,15 +447,16 @@ def _read_hub_pairs(hub_id: str, names: dict[str, str], on_bad_row: str,
         import datasets
     except ImportError:
         raise DataError(f"{hub_id!r} is not a local file, and reading it as a hub data set needs "
-                        f"the `datasets` package: pip install datasets", path=hub_id) from None
+                        "the `datasets` package: pip install 'pcc-dist[hub]'",
+                        path=hub_id) from None
     try:
         dataset = datasets.load_dataset(repo, split=split)
     except Exception as exc:  # datasets raises many types (network, missing repo, bad split)
         raise DataError(
             f"not a local file, and loading it as a hub data set (repo {repo!r}, split {split!r}) "
             f"failed: {type(exc).__name__}: {exc}. Offline? Save the data as a local "
-            f"csv/tsv/jsonl file and pass its path (needs `pip install datasets` and internet "
-            f"for hub ids)", path=hub_id) from exc
+            f"csv/tsv/jsonl file and pass its path (needs `pip install 'pcc-dist[hub]'` and "
+            f"internet for hub ids)", path=hub_id) from exc
     rows: list[tuple[int, dict | DataError]] = list(enumerate(dataset, start=1))
     table = Table(hub_id, list(dataset.column_names), None, rows)
     return pairs_from_table(table, names, on_bad_row, score_range)

@@ -19,7 +19,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-_BNB_HINT = "pip install 'bitsandbytes>=0.45' (a core dependency of pcc-dist: pip install pcc-dist)"
+_BNB_HINT = "pip install 'pcc-dist[qlora]' (bitsandbytes, an optional extra)"
 _PEFT_HINT = "pip install 'peft>=0.13' (a core dependency of pcc-dist: pip install pcc-dist)"
 
 

@@ -42,8 +42,11 @@ def plot_metrics(journal_or_history: str | Path | Mapping[str, Any], out_png: st
     Returns:
         ``out_png`` as a Path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError("metric plots need matplotlib: pip install 'pcc-dist[plots]'") from exc
 
     if isinstance(journal_or_history, Mapping):
         values = list(journal_or_history.values())

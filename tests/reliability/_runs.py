@@ -40,19 +40,10 @@ BASE = ("stage1.enabled=false", f"stage2.max_steps={STEPS}",
         "train.log_every_steps=1")
 
 
-# DeepSpeed JIT-builds a small shared-memory op in every process that starts a process group. In
-# the shared cache (~/.cache/torch_extensions) other jobs on the machine rebuild it with another
-# ninja or hold its build lock, which cost each of our runs 40 s to 3 min of waiting; a cache of
-# our own is built once (~1 min) and then loads in 0.2 s.
-EXTENSIONS = Path.home() / ".cache" / "pcc_dist_tests" / "torch_extensions"
-
-
 def env(**extra: str) -> dict[str, str]:
     # One thread per rank: two ranks share the 2 cores of this machine.
     return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-                         "TORCH_EXTENSIONS_DIR": os.environ.get("PCC_TEST_EXTENSIONS_DIR",
-                                                                str(EXTENSIONS))} | extra
+                         "PATH": f"{BIN}:{os.environ.get('PATH', '')}"} | extra
 
 
 def tiny_llama(tmp_path_factory) -> Path:

@@ -460,7 +460,7 @@ def test_hub_id_uses_datasets(monkeypatch):
 
 def test_hub_id_without_datasets_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import raises ImportError
-    with pytest.raises(DataError, match="pip install datasets"):
+    with pytest.raises(DataError, match=r"pcc-dist\[hub\]"):
         read_pairs("owner/some-sts")
 
 

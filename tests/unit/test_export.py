@@ -108,12 +108,14 @@ def test_sentence_transformers_roundtrip_decoder_with_prompt(tmp_path):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(out)).padding_side == "right"
-    assert (
-        json.loads((out / "1_Pooling" / "config.json").read_text())["pooling_mode_lasttoken"]
-        is True
-    )
+    # Written by sentence-transformers' own save() (its 6.x spelling).
+    assert json.loads((out / "1_Pooling" / "config.json").read_text())["pooling_mode"] == (
+        "lasttoken")
+    modules = json.loads((out / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling"]
     cosine = verify_sentence_transformers(out, emb, SENTENCES)
     assert cosine.min() >= 0.9999, cosine
+    assert "PromptEOL" in (out / "README.md").read_text()  # the model card
     # Negative control: the bare sentence without the prompt gives other embeddings.
     from sentence_transformers import SentenceTransformer
 
