@@ -692,14 +692,18 @@ def _weights_only_loads(checkpoint_engine: Any) -> Iterator[None]:
 
     DeepSpeed's torch checkpoint engine unpickles with ``weights_only=False``, so resuming from a
     folder someone else wrote could run code hidden in it. A checkpoint is data: we allow only
-    tensors, containers and the few DeepSpeed classes its files hold (the ZeRO stage enum and the
-    loss scalers).
+    tensors, containers and the few DeepSpeed classes its files hold (the ZeRO stage enum, the
+    loss scalers, and ZeRO-1/2's ``fragment_address``, a dataclass of two ints in their
+    parameter-slice map).
     """
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
     def load(path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
 
     checkpoint_engine.load = load  # instance attribute shadows the class method
