@@ -53,9 +53,11 @@ check-lock:
 
 # Regenerate the lock from setup.py's ranges: newest versions that satisfy them today. Review the
 # diff (`git diff requirements/lock.txt`), run `make test`, commit both together.
+# `make lock UPGRADE=` keeps every existing pin and only resolves what setup.py's change needs.
+UPGRADE ?= --upgrade
 lock: $(LOCK_INPUTS)
 	@test -x $(UV) || $(MAKE) --no-print-directory install
-	$(UV) pip compile --quiet --python $(PY) --upgrade --custom-compile-command "make lock" \
+	$(UV) pip compile --quiet --python $(PY) $(UPGRADE) --custom-compile-command "make lock" \
 	  setup.py --extra dev requirements/lock.in --override requirements/overrides.txt -o $(LOCK)
 
 # Drift found on purpose: a separate venv with the newest releases setup.py admits (torch stays at

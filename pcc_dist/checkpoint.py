@@ -105,10 +105,29 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng` saved; the CUDA part as far as this node's GPUs allow."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        _restore_cuda_rng(list(state["cuda"]))
+
+
+def _restore_cuda_rng(saved: list[torch.Tensor]) -> None:
+    """One saved state per GPU the writer saw, onto the GPUs visible now, by index.
+
+    A node may see fewer GPUs than the writer (another CUDA_VISIBLE_DEVICES, a smaller node):
+    ``torch.cuda.set_rng_state_all`` would raise IndexError there. Each rank uses only its own
+    device (``LOCAL_RANK``), so the states of devices that are not visible are never drawn from;
+    they are dropped with a warning. Visible devices beyond the saved ones keep their seeds.
+    """
+    visible = torch.cuda.device_count()
+    for index, state in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(state, index)
+    if len(saved) != visible:
+        logger.warning("RNG restore: the checkpoint holds CUDA RNG states of %d GPUs and %d are "
+                       "visible; restored %d, %s", len(saved), visible, min(len(saved), visible),
+                       "the others' states are dropped (no rank here draws from them)"
+                       if len(saved) > visible else "the others keep their seeded state")
 
 
 def _rng_name(rank: int) -> str:

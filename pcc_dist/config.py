@@ -193,6 +193,9 @@ class TrainSettings:
     # A path to a DeepSpeed JSON (fields the TrainConfig owns must be "auto") or a built-in name.
     deepspeed_config: str = "ds_configs/zero3.json"
     optimizer: Literal["adamw_torch", "adamw_deepspeed"] = "adamw_torch"
+    # One rank without offload trains at ZeRO stage 1 whatever the JSON's stage (no per-module
+    # hooks; pcc_dist.single_rank); true keeps the JSON's stage (e.g. ZeRO-3) on one rank too.
+    single_rank_keep_zero: bool = False
     # Stop the run after this many consecutive non-finite steps (each is skipped on every rank).
     max_consecutive_nonfinite: int = 5
     log_every_steps: int = 10

@@ -444,6 +444,28 @@ def _guard_problems(ds: dict[str, Any], path: Path, cfg: PccConfig) -> list[str]
     return problems
 
 
+def _fp32_grad_accumulation(ds: dict[str, Any], path: Path) -> list[str]:
+    """Under bf16 with ZeRO-2/3, accumulate gradient partitions in fp32.
+
+    Without ``data_types.grad_accum_dtype`` DeepSpeed keeps them in the model dtype, so the
+    gradient cache's k = ceil(B / C) backward calls per step are summed in bf16 (8 significant
+    bits: each addition rounds at a relative 2**-9 = 0.2 %), before the fp32 master step. With
+    "fp32" only each backward's own gradient is bf16; the sum over the k calls, the reduce over
+    the ranks and the optimizer step are fp32. Stage 0 and 1 are left alone: DeepSpeed refuses
+    the mix at stage 0 and switches stage 1 to another optimizer class (BF16_Optimizer), whose
+    checkpoints the portable-state code does not read. A value the JSON sets is kept.
+    """
+    zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if not ds.get("bf16", {}).get("enabled") or zero_stage not in (2, 3):
+        return []
+    types = ds.setdefault("data_types", {})
+    if not isinstance(types, dict):
+        return [f"{path}: \"data_types\" must be an object, e.g. "
+                '{"grad_accum_dtype": "fp32"}; got ' f"{_show(types)}."]
+    types.setdefault("grad_accum_dtype", "fp32")
+    return []
+
+
 def _parser_problem(ds: dict[str, Any], path: Path) -> list[str]:
     """DeepSpeed's whole config parser (what ``deepspeed.initialize`` runs) on the resolved dict,
     for values in sections no pydantic model covers (e.g. ``"wall_clock_breakdown": null`` is a
@@ -506,6 +528,7 @@ def resolve_ds_config(cfg: PccConfig, stage: StageSettings, world_size: int) -> 
     problems += _fill_owned(ds, path, cfg, stage, name, world_size)
     problems += _deepspeed_problems(ds, path)
     problems += _guard_problems(ds, path, cfg)
+    problems += _fp32_grad_accumulation(ds, path)
     if not problems:
         problems = _parser_problem(ds, path)
     if problems:

@@ -34,6 +34,7 @@ from pcc_dist import universal_checkpoint
 from pcc_dist.config import PccConfig, StageSettings
 from pcc_dist.distributed import free_port
 from pcc_dist.ds_config import import_deepspeed, resolve_ds_config
+from pcc_dist.single_rank import other_layout, single_rank_ds_config
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +206,11 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 def _build_optimizer(model: nn.Module, cfg: PccConfig, stage: StageSettings,
                      ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+    from pcc_dist.offload import use_deepspeed_cpu_adam
+
     groups = _param_groups(model, stage.weight_decay)
-    if cfg.train.optimizer == "adamw_torch":
+    cpu_adam = use_deepspeed_cpu_adam(cfg.train.optimizer, ds_config)
+    if cfg.train.optimizer == "adamw_torch" and not cpu_adam:
         return torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.999), eps=1e-8)
     zero = ds_config.get("zero_optimization", {})
     offload = isinstance(zero.get("offload_optimizer"), dict) and \
@@ -440,7 +444,7 @@ class TrainEngine:
                 torch.save(portable, Path(folder) / _PORTABLE_FILE)
             (Path(folder) / _WORLD_FILE).write_text(json.dumps(
                 {"world_size": self.world_size, "portable": portable is not None,
-                 "shapes": self._trainable_shapes()}))
+                 "zero_stage": self.zero_stage, "shapes": self._trainable_shapes()}))
 
     def load_checkpoint(self, folder: str | os.PathLike, *, module_only: bool = False) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint`.
@@ -469,8 +473,14 @@ class TrainEngine:
         saved_world = saved.get("world_size") if saved is not None else None
         if saved is not None and "shapes" in saved:  # older checkpoints did not record them
             _check_same_shapes(Path(folder), saved["shapes"], self._trainable_shapes())
-        if saved_world is not None and saved_world != self.world_size and self._partitioned():
+        if self._partitioned() and other_layout(saved, self.world_size, self.zero_stage):
             self._load_portable(Path(folder), saved_world, module_only)
+            return
+        if module_only and self.zero_stage == 3:
+            # Each rank reads its own shard, not the whole fp32 model (pcc_dist.stage_memory).
+            from pcc_dist.stage_memory import load_zero3_weights
+
+            load_zero3_weights(self._ds, Path(folder), _CHECKPOINT_TAG, self.world_size)
             return
         with _weights_only_loads(self._ds.checkpoint_engine):
             load_path, _ = self._ds.load_checkpoint(
@@ -514,6 +524,8 @@ class TrainEngine:
         inner = self._ds.optimizer.optimizer
         flats = self._master_partitions()
         has_moments = all("exp_avg" in inner.state.get(f, {}) for f in flats)
+        if has_moments:
+            self._link_state_fragments()
         out: dict[str, Any] = {"format": 1, "world_size": self.world_size, "params": {},
                                **{key: {} for key in _ADAM_MOMENTS}}
         for name, param in self._trainable():
@@ -602,6 +614,23 @@ class TrainEngine:
             state["step"] = torch.tensor(float(step), dtype=torch.float32)
             for key in _ADAM_MOMENTS:
                 state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        self._link_state_fragments()
+
+    def _link_state_fragments(self) -> None:
+        """Point every parameter's ZeRO-1/2 optimizer-state fragments at the current state.
+
+        ``safe_get/set_full_optimizer_state`` read and write through per-parameter views of
+        Adam's flat state, which DeepSpeed 0.19.8 links once, right after the first group's
+        first step: a fresh engine has none (so a portable load could not write the moments),
+        and with two parameter groups (decay / no decay) the second group's state does not
+        exist yet then, so its parameters never get views ("exp_avg not found in optimizer state
+        fragment" on save, measured with a full-parameter model at ZeRO-1). Re-linking when the
+        state exists fixes both. No-op under ZeRO-3, which has no such views.
+        """
+        link = getattr(self._ds.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:
+            self._ds.optimizer._hp_optimizer_states_linked = False
+            link()
 
     def _set_full(self, param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:
         """Write a whole tensor into this rank's partition of the fp32 master weight (key None)
@@ -629,6 +658,14 @@ class TrainEngine:
             # The module's (possibly lower-precision) copy; modifier_rank=0 re-partitions it.
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 param.data.copy_(flat.view(param.shape).to(param.device, param.dtype))
+
+    def release(self) -> None:
+        """Free the DeepSpeed engine's memory (:func:`pcc_dist.stage_memory.release_engine`);
+        the engine cannot be used afterwards."""
+        from pcc_dist.stage_memory import release_engine
+
+        release_engine(self)
+        self._ds = None
 
     def gathered_state_dict(self, *, trainable_only: bool | None = None,
                             dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -671,14 +708,18 @@ def _weights_only_loads(checkpoint_engine: Any) -> Iterator[None]:
 
     DeepSpeed's torch checkpoint engine unpickles with ``weights_only=False``, so resuming from a
     folder someone else wrote could run code hidden in it. A checkpoint is data: we allow only
-    tensors, containers and the few DeepSpeed classes its files hold (the ZeRO stage enum and the
-    loss scalers).
+    tensors, containers and the few DeepSpeed classes its files hold (the ZeRO stage enum, the
+    loss scalers, and ZeRO-1/2's ``fragment_address``, a dataclass of two ints in their
+    parameter-slice map).
     """
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
     def load(path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
 
     checkpoint_engine.load = load  # instance attribute shadows the class method
@@ -709,6 +750,8 @@ def _read_world_file(world_file: Path) -> dict[str, Any] | None:
     try:
         saved = json.loads(world_file.read_text(encoding="utf-8"))
         saved["world_size"] = int(saved["world_size"])
+        if saved.get("zero_stage", 0) not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage is {saved['zero_stage']!r}, not 0-3")
         shapes = saved.get("shapes", {})
         if not isinstance(shapes, dict) or not all(
                 isinstance(s, list) and all(isinstance(d, int) for d in s)
@@ -809,9 +852,18 @@ def build_engine(model: nn.Module, cfg: PccConfig, stage: StageSettings,
     Raises:
         ConfigError: when the DeepSpeed JSON does not fit the TrainConfig.
     """
+    from pcc_dist.offload import choose_param_offload, local_gpu_bytes
+
     info = init_distributed()
-    ds_config = _single_rank_zero3(resolve_ds_config(cfg, stage, info.world_size),
-                                   info.world_size)
+    ds_config = resolve_ds_config(cfg, stage, info.world_size)
+    n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+    # Offload first: a one-rank run whose parameter offload is dropped needs no ZeRO-3 either.
+    ds_config = choose_param_offload(ds_config, n_params, info.world_size, local_gpu_bytes())
+    ds_config, stage_reason = single_rank_ds_config(ds_config, info.world_size,
+                                                    keep_zero=cfg.train.single_rank_keep_zero)
+    ds_config = _single_rank_zero3(ds_config, info.world_size)
+    if stage_reason is not None:
+        logger.info("engine: %s", stage_reason)
     deepspeed = import_deepspeed()
     optimizer = _build_optimizer(model, cfg, stage, ds_config)
     factor = WarmupDecay(stage.warmup_steps, total_steps, stage.schedule)

@@ -542,6 +542,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", dest="json_path", help="write the results JSON here.")
     parser.add_argument("--limit", type=int, help="score only the first N pairs of every "
                         "subset: a smoke test, NOT comparable with published numbers.")
+    parser.add_argument("--device", default="auto", help="where the model runs: auto (CUDA "
+                        "when available, else CPU), cpu, cuda or cuda:N.")
     parser.add_argument("--config", help="YAML config (its model/data/eval sections are used).")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
@@ -631,7 +633,14 @@ def eval_main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from pcc_dist.data import DataError, load_sts_task, resolve_data_root
+    from pcc_dist.devices import DeviceError, choose_device, place_for_inference
     from pcc_dist.modeling import ModelError, load_embedder, run_metadata
+
+    try:
+        device = choose_device(args.device)
+    except DeviceError as exc:
+        print(f"pcc-eval: 1 problem(s):\n  - {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
     try:
         root = resolve_data_root(cfg.data.root)
@@ -642,7 +651,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        embedder = load_embedder(cfg.model)
+        embedder = place_for_inference(load_embedder(cfg.model), device)
     except ModelError as exc:
         print(f"pcc-eval: model error: {exc}", file=sys.stderr)
         return EXIT_DATA_OR_MODEL_ERROR

@@ -541,6 +541,10 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         "pcc_dist's on probe sentences",
     )
     parser.add_argument(
+        "--device", default="auto",
+        help="where --verify embeds: auto (CUDA when available), cpu, cuda or cuda:N",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace a non-empty out_dir; the new export is written next to it and replaces it "
@@ -564,16 +568,21 @@ def export_main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
             )
         if args.verify and args.format == "sentence-transformers":
-            _verify(args.run_dir, args.out_dir, args.quantization)
+            _verify(args.run_dir, args.out_dir, args.quantization, args.device)
     except ModelError as exc:
         print(f"pcc-export: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def _verify(run_dir: str, out_dir: str, quantization: str) -> None:
-    """``--verify``: the export's embeddings against pcc_dist's on the probe sentences."""
-    embedder = load_embedder_from_run(run_dir, quantization=quantization)
+def _verify(run_dir: str, out_dir: str, quantization: str, device: str = "auto") -> None:
+    """``--verify``: the export's embeddings against pcc_dist's on the probe sentences (both on
+    the ``--device`` chosen by :func:`pcc_dist.devices.choose_device`)."""
+    from pcc_dist.devices import choose_device, place_for_inference
+
+    where = choose_device(device)  # before the weights load: a wrong flag fails at once
+    embedder = place_for_inference(load_embedder_from_run(run_dir, quantization=quantization),
+                                   where)
     cosine = verify_sentence_transformers(out_dir, embedder, [p for p in PROBES if p.strip()])
     logger.info(
         "verified: min cosine %.6f over %d probe sentences", float(cosine.min()), len(cosine)

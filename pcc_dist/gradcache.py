@@ -24,6 +24,14 @@ Scale factors (none are added here). Example with W = 2 ranks, B = 5 rows per ra
 Dividing the surrogates by the chunk count (3 here) would be wrong: they are parts of one sum,
 not samples of a mean.
 
+Chunks are formed by length (:mod:`pcc_dist.length_chunks`): a view's rows sorted by token count,
+cut into consecutive chunks, each padded only to its own longest row; the embeddings go back to the
+input order before the loss, and G's rows are picked by each chunk's row indices in phase 3. The
+loss sees the same rows, so the gradient is the same up to float rounding, for fewer token
+positions. The plain path (no cache) embeds each view in such length groups too, with autograd,
+then takes one backward. When one chunk holds a whole view on every rank the cache is skipped:
+the plain path gives the same gradient without the second forward.
+
 Under ZeRO-3 every forward gathers parameters and every backward reduce-scatters gradients, so
 every rank must run the same number of chunk forwards and backwards: the chunk count of each view
 is agreed across ranks (one small all-reduce). Accumulation of the per-chunk backward calls into
@@ -44,9 +52,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pcc_dist import length_chunks
+from pcc_dist.length_chunks import ChunkPlan, plan_chunks
+
 logger = logging.getLogger(__name__)
 
 TokenBatch = dict[str, Tensor]
+# Rows per forward of the plain path's length groups (chunk_size=0): on the stage-2 set with the
+# MiniLM tokenizer, groups of 16 of a step's 64 rows cut padded tokens 2.3x (benchmarks/padding.py).
+PLAIN_CHUNK_ROWS = 16
 
 
 def _batch_size(batch: TokenBatch) -> int:
@@ -54,12 +68,6 @@ def _batch_size(batch: TokenBatch) -> int:
     if len(sizes) != 1:
         raise ValueError(f"a view's tensors must share their first dimension, got sizes {sizes}")
     return sizes.pop()
-
-
-def _split(batch: TokenBatch, pieces: int) -> list[TokenBatch]:
-    """``pieces`` near-equal consecutive row slices of every tensor (views, no copies)."""
-    parts = {k: torch.tensor_split(v, pieces, dim=0) for k, v in batch.items()}
-    return [{k: parts[k][i] for k in batch} for i in range(pieces)]
 
 
 class _RngState:
@@ -94,10 +102,19 @@ class GradCache:
     Args:
         engine: A :class:`pcc_dist.engine.TrainEngine` (anything with ``__call__`` forwarding
             through DeepSpeed, ``module`` and ``backward(loss, *, boundary, loss_value)``).
-        chunk_size: Examples per chunk C; 0 runs the plain path (one forward per view with
-            autograd, one backward).
+        chunk_size: Examples per chunk C; 0 runs the plain path (length-grouped forwards of
+            ``plain_rows`` rows with autograd, one backward).
         replay_rng: Restore each chunk's RNG state for its replay. Only tests turn it off (the
             negative control showing that un-replayed dropout changes the gradient).
+        length_sorted: Form the chunks of a view from its rows sorted by token length, each
+            padded only to its own longest row (:mod:`pcc_dist.length_chunks`); the embeddings
+            go back to the input order before the loss. False: consecutive untrimmed rows, and
+            one forward per view on the plain path (the reference the tests compare with).
+        plain_rows: Rows per length-grouped forward on the plain path (``chunk_size=0``).
+
+    Attributes:
+        real_token_fraction: Of the last :meth:`run`, real tokens over processed (padded) token
+            positions of this rank's views.
 
     Example:
         >>> cache = GradCache(engine, chunk_size=16)
@@ -106,12 +123,18 @@ class GradCache:
         >>> result = engine.step()
     """
 
-    def __init__(self, engine: Any, chunk_size: int, *, replay_rng: bool = True):
+    def __init__(self, engine: Any, chunk_size: int, *, replay_rng: bool = True,
+                 length_sorted: bool = True, plain_rows: int = PLAIN_CHUNK_ROWS):
         if chunk_size < 0:
             raise ValueError(f"chunk_size must be 0 (off) or positive, got {chunk_size}")
+        if plain_rows < 1:
+            raise ValueError(f"plain_rows must be positive, got {plain_rows}")
         self.engine = engine
         self.chunk_size = int(chunk_size)
         self.replay_rng = replay_rng
+        self.length_sorted = length_sorted
+        self.plain_rows = int(plain_rows)
+        self.real_token_fraction = 1.0
 
     def _forward(self, embed: Callable[[TokenBatch], Tensor] | nn.Module,
                  batch: TokenBatch) -> Tensor:
@@ -124,6 +147,13 @@ class GradCache:
     def run(self, embed: Callable[[TokenBatch], Tensor] | nn.Module, views: Sequence[TokenBatch],
             loss_fn: Callable[[list[Tensor]], Tensor]) -> float:
         """Forward, loss and backward of one micro batch; the last backward closes it.
+
+        Each view is embedded in chunks of consecutive length-sorted rows, each trimmed to its
+        longest row, and the embeddings are put back in input order before ``loss_fn``. With
+        the cache on (``chunk_size`` C > 0) a view of B rows takes ceil(B / C) chunks; when
+        that is 1 for every view on every rank the cache is skipped (the plain path computes
+        the same gradient without the second forward). With the cache off, ceil(B /
+        ``plain_rows``) autograd forwards per view and one backward.
 
         Args:
             embed: The engine's module (run as ``engine(**batch)``), or a callable mapping one
@@ -138,49 +168,64 @@ class GradCache:
 
         Shape:
             - views[v][key]: ``[B, L]``
-            - embed output: ``[B or C, D]``
-            - loss_fn input: list of ``[B, D]``
+            - embed output: ``[b_k, D]`` per chunk
+            - loss_fn input: list of ``[B, D]`` in input row order
         """
         if not views:
             raise ValueError("GradCache.run needs at least one view")
-        if self.chunk_size == 0:
-            return self._run_plain(embed, views, loss_fn)
-        return self._run_cached(embed, views, loss_fn)
+        plans = self._plan(views)
+        self.real_token_fraction = length_chunks.real_token_fraction(plans)
+        if self.chunk_size == 0 or all(len(p.rows) == 1 for p in plans):
+            return self._run_plain(embed, views, plans, loss_fn)
+        return self._run_cached(embed, views, plans, loss_fn)
 
-    def _run_plain(self, embed, views, loss_fn) -> float:
+    def _plan(self, views: Sequence[TokenBatch]) -> list[ChunkPlan]:
+        """Per view, its chunks; the chunk counts agreed across ranks (ZeRO-3 pairs forwards)."""
+        sizes = [_batch_size(view) for view in views]
+        if self.chunk_size == 0 and not self.length_sorted:
+            return [plan_chunks(view, 1, sort=False) for view in views]
+        rows = self.chunk_size or self.plain_rows
+        device = next(iter(views[0].values())).device
+        counts = _agree_chunk_counts([math.ceil(b / rows) for b in sizes], device)
+        for b, n in zip(sizes, counts, strict=True):
+            if b < n:
+                raise ValueError(
+                    f"this rank holds {b} rows in a view but another rank splits that view into "
+                    f"{n} chunks of {rows}; every rank must get the same micro batch "
+                    "size, or ZeRO-3's per-forward collectives would not pair up.")
+        return [plan_chunks(view, n, sort=self.length_sorted)
+                for view, n in zip(views, counts, strict=True)]
+
+    def _embed_view(self, embed, view: TokenBatch, plan: ChunkPlan) -> Tensor:
+        reps = [self._forward(embed, plan.take(view, k)) for k in range(len(plan.rows))]
+        return plan.restore(torch.cat(reps) if len(reps) > 1 else reps[0])
+
+    def _run_plain(self, embed, views, plans, loss_fn) -> float:
         with torch.enable_grad():
-            embeddings = [self._forward(embed, view) for view in views]
+            embeddings = [self._embed_view(embed, v, p) for v, p in zip(views, plans, strict=True)]
             loss = loss_fn(embeddings)
         value = float(loss.detach().float().item())
         self.engine.backward(loss, boundary=True, loss_value=value)
         return value
 
-    def _run_cached(self, embed, views, loss_fn) -> float:
-        sizes = [_batch_size(view) for view in views]
-        device = next(iter(views[0].values())).device
-        local = [math.ceil(b / self.chunk_size) for b in sizes]
-        counts = _agree_chunk_counts(local, device)
-        for b, n in zip(sizes, counts, strict=True):
-            if b < n:
-                raise ValueError(
-                    f"this rank holds {b} rows in a view but another rank splits that view into "
-                    f"{n} chunks of {self.chunk_size}; every rank must get the same micro batch "
-                    "size, or ZeRO-3's per-forward collectives would not pair up.")
-        chunks = [_split(view, n) for view, n in zip(views, counts, strict=True)]
+    def _run_cached(self, embed, views, plans, loss_fn) -> float:
+        chunks = [[plan.take(view, k) for k in range(len(plan.rows))]
+                  for view, plan in zip(views, plans, strict=True)]
 
         # Phase 1: embeddings without autograd; RNG state before each chunk for the replay.
         states: list[list[_RngState]] = []
         cached: list[Tensor] = []
         with torch.no_grad():
-            for view_chunks in chunks:
+            for view_chunks, plan in zip(chunks, plans, strict=True):
                 reps, view_states = [], []
                 for chunk in view_chunks:
                     view_states.append(_RngState())
                     reps.append(self._forward(embed, chunk))
                 states.append(view_states)
-                cached.append(torch.cat(reps).detach())
+                cached.append(plan.restore(torch.cat(reps)).detach())
 
-        # Phase 2: the loss on the whole (global) batch and its gradient w.r.t. the embeddings.
+        # Phase 2: the loss on the whole (global) batch and its gradient w.r.t. the embeddings
+        # (rows in input order, as the loss saw them).
         with torch.enable_grad():
             leaves = [e.requires_grad_(True) for e in cached]
             loss = loss_fn(leaves)
@@ -190,22 +235,21 @@ class GradCache:
                  for e, g in zip(leaves, grads, strict=True)]
         del loss, leaves, cached
 
-        # Phase 3: replay each chunk with autograd and back-propagate <e_chunk, G_chunk>.
+        # Phase 3: replay each chunk with autograd and back-propagate <e_chunk, G_chunk>, G's
+        # rows picked by the chunk's input row indices.
         # fork_rng puts the generators back afterwards, so the stream continues exactly as after
         # phase 1 (the replay does not consume randomness twice).
         cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() \
             else []
-        total = sum(counts)
+        total = sum(len(p.rows) for p in plans)
         done = 0
         with torch.random.fork_rng(devices=cuda_devices), torch.enable_grad():
             for v, view_chunks in enumerate(chunks):
-                offset = 0
                 for k, chunk in enumerate(view_chunks):
                     if self.replay_rng:
                         states[v][k].restore()
                     emb = self._forward(embed, chunk)
-                    grad = grads[v][offset: offset + emb.shape[0]]
-                    offset += emb.shape[0]
+                    grad = grads[v].index_select(0, plans[v].rows[k].to(grads[v].device))
                     surrogate = torch.sum(emb * grad.to(emb.dtype))
                     done += 1
                     # Each call is divided by the accumulation steps inside the engine; the
@@ -213,5 +257,5 @@ class GradCache:
                     # the micro batch once (derivation on TrainEngine.backward).
                     self.engine.backward(surrogate, boundary=done == total, loss_value=value)
         logger.debug("gradient cache: %d views, %s chunks of <= %d, loss %.6g", len(views),
-                     counts, self.chunk_size, value)
+                     [len(p.rows) for p in plans], self.chunk_size, value)
         return value

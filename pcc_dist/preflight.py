@@ -123,32 +123,38 @@ def _check_sts(report: PreflightReport, what: str, load: Callable[..., object], 
         report.checked.append(f"{what}: read")
 
 
-def check_model(cfg: PccConfig, report: PreflightReport) -> None:
-    """The model source, its ``config.json`` and the options that must fit its kind."""
+def check_model(cfg: PccConfig, report: PreflightReport) -> object:
+    """The model source, its ``config.json`` and the options that must fit its kind; returns the
+    Hugging Face config read (None when there is none), for the free-space estimate."""
     from pcc_dist.modeling import ModelError, plan_model
 
     try:
         plan = plan_model(cfg.model)
     except ModelError as exc:
         report.problems += exc.problems
-        return
+        return None
     what = "a trained run folder, whose own settings apply" if plan.run_meta is not None else (
         f"{getattr(plan.hf_config, 'model_type', None)!r} {plan.kind}")
     report.checked.append(f"model.name_or_path={cfg.model.name_or_path!r}: {plan.source} "
                           f"({what}; pooling {plan.pooling}, read from {plan.origin})")
+    return plan.hf_config
 
 
-def check_output(cfg: PccConfig, report: PreflightReport) -> None:
-    """The run folder can be written (probed without creating it)."""
+def check_output(cfg: PccConfig, report: PreflightReport, hf_config: object = None) -> None:
+    """The run folder can be written (probed without creating it) and has room for the
+    checkpoints (:func:`pcc_dist.memory_plan.checkpoint_space_needed`)."""
     from pcc_dist.checkpoint import CheckpointError, preflight_output_dir
+    from pcc_dist.memory_plan import checkpoint_space_needed
 
     folder = Path(cfg.run.output_dir)
+    needed, why = checkpoint_space_needed(cfg, hf_config)
     try:
-        preflight_output_dir(folder, create=False)
+        preflight_output_dir(folder, needed, create=False)
     except CheckpointError as exc:
-        report.problems.append(f"run.output_dir={cfg.run.output_dir!r}: {exc}")
+        report.problems.append(f"run.output_dir={cfg.run.output_dir!r}: {exc} ({why})")
     else:
-        report.checked.append(f"run.output_dir={cfg.run.output_dir!r}: writable")
+        report.checked.append(f"run.output_dir={cfg.run.output_dir!r}: writable, "
+                              f"{needed / 2**30:.2f} GiB free needed ({why})")
 
 
 def preflight(cfg: PccConfig) -> PreflightReport:
@@ -164,6 +170,6 @@ def preflight(cfg: PccConfig) -> PreflightReport:
     world_size = world_size_from_env(report)
     check_deepspeed(cfg, world_size, report)
     check_data(cfg, report)
-    check_model(cfg, report)
-    check_output(cfg, report)
+    hf_config = check_model(cfg, report)
+    check_output(cfg, report, hf_config)
     return report

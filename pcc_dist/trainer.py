@@ -5,9 +5,9 @@ Reads as a list of named steps. Each stage:
 1. load its data, de-contaminate it against the STS7 test sets, rescale stage-2 scores;
 2. build a fresh embedder and engine; start from the previous stage's final weights, or resume
    from this stage's newest complete checkpoint (model, optimizer, scheduler, RNG, data position);
-3. for each optimizer step: take this rank's slice of the global batch, tokenise its views, run
-   the gradient cache (or a plain forward/backward), step the engine (non-finite steps are skipped
-   on every rank), log, evaluate on STS-B dev, checkpoint;
+3. for each optimizer step: take this rank's slice of the global batch (tokenised a step ahead),
+   run the gradient cache (or plain forwards/backward) over length-sorted chunks, step the engine
+   (non-finite steps are skipped on every rank), log, evaluate on STS-B dev, checkpoint;
 4. save a final checkpoint (the next stage starts from it) and export the model.
 
 The loss of every step is computed over the whole global batch of N examples whatever the world
@@ -48,6 +48,7 @@ from pcc_dist.progress import progress_enabled
 from pcc_dist.resume_from import explicit_resume_point
 from pcc_dist.sampling import GlobalBatchPlan
 from pcc_dist.sharded_encode import ShardedEncoder
+from pcc_dist.step_inputs import Prefetcher, tokenize_views
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class StageRunner:
         self.stage_dir = Path(cfg.run.output_dir) / name
         self.is_main = dist_info.rank == 0
         self.total_steps = 0  # known once the data is loaded
+        self.real_token_fraction = 1.0  # of the last step's views on this rank
 
     # -- step 1: data ---------------------------------------------------------------------
     def load_examples(self) -> tuple[list, dict[str, Any] | None]:
@@ -171,22 +173,8 @@ class StageRunner:
     # -- step 3a: one rank's batch as token views ---------------------------------------
     def views(self, embedder, batch: list) -> tuple[list[dict[str, torch.Tensor]],
                                                      torch.Tensor | None]:
-        """Token batches per view on the model's device, and stage-2 gold scores.
-
-        Stage 1 views: anchor, positive[, hard negative]; stage 2: sentence1, sentence2.
-        """
-        if self.name == "stage1":
-            texts = [[t.anchor for t in batch], [t.positive for t in batch]]
-            if all(t.hard_negative is not None for t in batch):
-                texts.append([t.hard_negative for t in batch])
-            scores = None
-        else:
-            texts = [[p.sentence1 for p in batch], [p.sentence2 for p in batch]]
-            scores = torch.tensor([p.score for p in batch], dtype=torch.float32,
-                                  device=embedder.device)
-        views = [{k: v.to(embedder.device) for k, v in
-                  embedder.tokenize(t, max_length=self.stage.max_length).items()} for t in texts]
-        return views, scores
+        """Token views (stage 1: anchor, positive[, negative]; 2: sentence1, 2), gold scores."""
+        return tokenize_views(embedder, self.name, batch, self.stage.max_length)
 
     def make_loss(self):
         from pcc_dist.losses import InfoNCELoss, PearsonLoss
@@ -281,16 +269,26 @@ class StageRunner:
 
     def _train_steps(self, engine, embedder, cache, examples, plan, total_steps, state,
                      checkpoints, tracker) -> None:
+        """The step loop, each step's token views made one step ahead (:mod:`.step_inputs`)."""
+        def produce(step: int):  # runs in the tokenise-ahead thread
+            rows = plan.rank_indices(step, self.dist.rank)
+            return self.views(embedder, [examples[i] for i in rows])
+
+        with Prefetcher(produce, range(state.step, total_steps)) as ahead:
+            self._step_loop(engine, embedder, cache, ahead, plan, total_steps, state,
+                            checkpoints, tracker)
+
+    def _step_loop(self, engine, embedder, cache, ahead, plan, total_steps, state, checkpoints,
+                   tracker) -> None:
         loss_module = self.make_loss()
         progress = _progress(total_steps, state.step, self.name,
                              enabled=self.is_main and progress_enabled())
         engine.train()
         for step in range(state.step, total_steps):
             tick = time.perf_counter()
-            batch = [examples[i] for i in plan.rank_indices(step, self.dist.rank)]
-            views, scores = self.views(embedder, batch)
-
+            views, scores = ahead.get(step)
             loss_value = cache.run(engine.module, views, _bind_loss(loss_module, scores))
+            self.real_token_fraction = cache.real_token_fraction
             result = engine.step()
             state.step = step + 1
             if result.skipped:
@@ -363,6 +361,8 @@ class StageRunner:
             "train/skipped_steps": float(state.skipped_steps),
             "perf/pairs_per_s": plan.global_batch_size / seconds,
             "perf/tokens_per_s": tokens / seconds,
+            # This rank's real / processed token positions (pcc_dist.length_chunks).
+            "perf/real_token_fraction": self.real_token_fraction,
         }
         if batch_r is not None:
             metrics["train/pearson_r"] = float(batch_r)
@@ -448,7 +448,11 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
     # folder fails in seconds with its name, not after the first checkpoint interval. (Each rank
     # probes with its own file, so a shared folder is fine.) Likewise a missing or damaged model
     # folder (only small files and headers are read).
-    preflight_output_dir(run_dir)
+    from pcc_dist.memory_plan import checkpoint_space_needed
+
+    needed, why = checkpoint_space_needed(cfg)
+    logger.info("run.output_dir needs %.2f GiB free: %s", needed / 2**30, why)
+    preflight_output_dir(run_dir, needed)
     check_model_files(cfg.model)
     dist_info = _dist()
     if dist_info.rank == 0:
@@ -464,6 +468,10 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
         if not getattr(cfg, name).enabled:
             continue
         runner = StageRunner(cfg, name, dist_info, data_root, test_tasks, previous)
+        if engine is not None:
+            # Stage 1's engine and model are freed before stage 2 builds its own.
+            engine.release()
+            embedder = engine = None
         outcome, embedder, engine = runner.run()
         outcomes[name] = asdict(outcome)
         previous = Path(outcome.final_checkpoint)

@@ -7,6 +7,7 @@ How decoders and encoders are embedded and how ``max_length`` counts tokens is d
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,10 @@ from pcc_dist.modeling.templates import TEMPLATES, resolve_template
 from pcc_dist.progress import progress
 
 logger = logging.getLogger(__name__)
+# A step's views are tokenised ahead in a thread (pcc_dist.step_inputs) while the main thread may
+# tokenise dev sentences; a Rust tokenizer borrowed by two threads at once can fail with
+# "Already borrowed", so calls into one are serialised (the step's own work overlaps them).
+_TOKENIZER_LOCK = threading.Lock()
 
 
 class Embedder(nn.Module):
@@ -138,13 +143,14 @@ class Embedder(nn.Module):
         sentences = list(sentences)
         texts = [self.render(s) for s in sentences]
         # verbose=False: sequences longer than model_max_length are expected here (cut below).
-        enc = self.tokenizer(
-            texts,
-            add_special_tokens=False,
-            return_attention_mask=False,
-            return_offsets_mapping=self.template is not None,
-            verbose=False,
-        )
+        with _TOKENIZER_LOCK:
+            enc = self.tokenizer(
+                texts,
+                add_special_tokens=False,
+                return_attention_mask=False,
+                return_offsets_mapping=self.template is not None,
+                verbose=False,
+            )
         ids_list: list[list[int]] = enc["input_ids"]
         start = len(self.template.split("{s}", 1)[0]) if self.template is not None else 0
         redo: list[int] = []
@@ -165,12 +171,13 @@ class Embedder(nn.Module):
                 sentences[i] = sentences[i][: min(inside[limit - 1][1], end) - start]
                 redo.append(i)
         if redo:
-            again = self.tokenizer(
-                [self.render(sentences[i]) for i in redo],
-                add_special_tokens=False,
-                return_attention_mask=False,
-                verbose=False,
-            )["input_ids"]
+            with _TOKENIZER_LOCK:
+                again = self.tokenizer(
+                    [self.render(sentences[i]) for i in redo],
+                    add_special_tokens=False,
+                    return_attention_mask=False,
+                    verbose=False,
+                )["input_ids"]
             for i, ids in zip(redo, again, strict=True):
                 ids_list[i] = ids
         return [self.special_prefix + ids + self.special_suffix for ids in ids_list]

@@ -28,6 +28,7 @@ from pcc_dist.modeling.lora import (
     _lora_config,
     _prepare_for_kbit,
     lora_target_modules,
+    merge_for_evaluation,
 )
 from pcc_dist.modeling.model_files import check_adapter_folder, check_model_folder
 from pcc_dist.modeling.plan import plan_model
@@ -148,6 +149,7 @@ def load_embedder_from_run(
     for_training: bool = False,
     quantization: str = "as_trained",
     max_length: int | None = None,
+    merge_lora: bool = True,
 ) -> Embedder:
     """Load a run folder (layout in the package docstring) with the preprocessing it was trained on.
 
@@ -157,6 +159,10 @@ def load_embedder_from_run(
         quantization: ``"as_trained"`` (a QLoRA run reloads its base in NF4) or ``"none"`` (full
             precision base; logged as a warning because scores then differ from the trained model).
         max_length: override the sentence-token limit saved in the run.
+        merge_lora: for evaluation (``for_training`` false) fold a LoRA run's adapters into the
+            base weights (:func:`.lora.merge_for_evaluation`: same embeddings up to float
+            rounding, ~plain-model speed); false keeps the peft layers. QLoRA runs are never
+            merged (it would re-quantise the NF4 base).
 
     Raises:
         ModelError: missing/invalid/damaged run folder or an unknown ``quantization``.
@@ -166,6 +172,7 @@ def load_embedder_from_run(
         for_training=for_training,
         quantization=quantization,
         max_length=max_length,
+        merge_lora=merge_lora,
     )
 
 
@@ -176,6 +183,7 @@ def _load_run(
     quantization: str,
     max_length: int | None = None,
     cfg_settings: _Settings | None = None,
+    merge_lora: bool = True,
 ) -> Embedder:
     _check_choice("quantization", quantization, QUANTIZATION_CHOICES)
     trust_remote_code = bool(cfg_settings.trust_remote_code) if cfg_settings else False
@@ -225,6 +233,8 @@ def _load_run(
         backbone = _load_adapter(
             backbone, run_dir / ADAPTER_DIR, trainable=for_training, mode=mode
         )
+        if merge_lora and not for_training and s.mode == "lora":
+            backbone = merge_for_evaluation(backbone)
     tokenizer = _load_tokenizer(str(run_dir), None, s.trust_remote_code)
     if for_training and s.gradient_checkpointing:
         _enable_checkpointing(backbone)

@@ -5,6 +5,7 @@ peft is imported lazily (:func:`_import_or_error`), so importing this module nee
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from torch import nn
 from pcc_dist.modeling._core import _PEFT_HINT, ModelError, _import_or_error
 from pcc_dist.modeling.model_files import reading
 from pcc_dist.modeling.settings import _Settings
+
+logger = logging.getLogger(__name__)
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:
@@ -92,3 +95,27 @@ def _load_adapter(
     peft = _import_or_error("peft", "model.mode", mode, _PEFT_HINT)
     with reading("the LoRA adapter", adapter_dir):
         return peft.PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
+
+
+def merge_for_evaluation(model: nn.Module) -> nn.Module:
+    """Fold a (non-quantised) LoRA model's adapters into its base weights, for evaluation only.
+
+    For every adapted linear layer ``W' = W + (alpha / r) * B @ A`` (peft's ``merge_and_unload``),
+    so ``W' x = W x + (alpha / r) B (A x)``: the same output up to float rounding (dropout is off
+    in evaluation), one matmul per layer instead of three and no peft wrapper modules. Measured
+    by benchmarks/eval_speed.py ``--lora-run``. The merged model cannot be trained or saved as an
+    adapter again, which is why only evaluation loads take this path.
+
+    Not for QLoRA: folding B A into NF4 weights re-quantises them (W' would be
+    ``nf4(dequant(W) + ΔW)``, not the base the adapter was trained against), which changes the
+    scores; QLoRA runs are evaluated unmerged.
+
+    Args:
+        model: A peft model with LoRA adapters over full-precision (fp32/bf16/fp16) weights.
+
+    Returns:
+        The base model with merged weights.
+    """
+    merged = model.merge_and_unload()
+    logger.info("LoRA adapters merged into the base weights for evaluation")
+    return merged

@@ -35,6 +35,21 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def engine_accelerator_env(world_size: int) -> dict[str, str]:
+    """The accelerator DeepSpeed is told to use, matching the backend the engine picks.
+
+    ``pcc_dist.engine.init_distributed`` takes NCCL whenever CUDA is available, so on a host with
+    a GPU per rank DeepSpeed must use its CUDA accelerator too (a CPU accelerator beside NCCL
+    fails). With fewer GPUs than ranks NCCL cannot run (two ranks on one GPU), so the ranks see
+    no GPU at all and both sides take the CPU path (gloo, DeepSpeed's CPU accelerator).
+    """
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
+        return {"DS_ACCELERATOR": "cuda"}
+    return {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+
+
 def run_ranks(
     target: str,
     world_size: int = 2,
@@ -69,7 +84,7 @@ def run_ranks(
             # Two cores are shared by every rank: one intra-op thread each avoids oversubscription.
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
-            "DS_ACCELERATOR": "cpu",
+            **engine_accelerator_env(world_size),
             "PYTHONPATH": os.pathsep.join(
                 filter(None, [str(REPO_ROOT), base_env.get("PYTHONPATH", "")])
             ),

@@ -111,6 +111,9 @@ def test_two_torchrun_nodes_on_loopback(tiny_llama, tmp_path):
     assert_two_stages_trained(out)
 
 
+# slow: tests/reliability/test_faults_checkpoint_write.py kills and resumes the same one-rank
+# run inside the default suite (equal losses to 1e-6); this one adds the launcher-level view.
+@pytest.mark.slow
 def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(tiny_llama, tmp_path):
     stage2_only = ("stage1.enabled=false", "stage2.max_steps=6", "checkpoint.every_steps=2")
     python = str(BIN / "python")

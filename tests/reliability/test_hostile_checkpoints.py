@@ -37,8 +37,10 @@ from pcc_dist.checkpoint import STATE_FILE, CheckpointManager
 
 pytestmark = pytest.mark.distributed
 
+# DeepSpeed's files of a one-rank run, which trains at ZeRO-1 (pcc_dist.single_rank): the
+# optimizer shard and the whole-model states (ZeRO-3 would write zero_pp_rank_0_mp_rank_00_...).
 OPTIM = "engine/state/zero_pp_rank_0_mp_rank_00_optim_states.pt"
-MODEL = "engine/state/zero_pp_rank_0_mp_rank_00_model_states.pt"
+MODEL = "engine/state/mp_rank_00_model_states.pt"
 PORTABLE = "engine/portable_state.pt"
 RNG0 = "rng_rank0.pt"
 # Same world size, same files: the resumed losses equal the uninterrupted run's up to fp32

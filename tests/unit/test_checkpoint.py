@@ -301,3 +301,46 @@ def test_weights_from_a_damaged_checkpoint_are_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"which this stage starts from, is damaged: "
                                               r"engine/w\.pt"):
         load_weights_from(engine, saved[2])
+
+
+# -- CUDA RNG states on a node with fewer GPUs than the writer ------------------------------
+
+
+class _FakeCuda:
+    """torch.cuda as a node with ``count`` GPUs sees it: records which states were set."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.set: dict[int, torch.Tensor] = {}
+
+    def is_available(self) -> bool:
+        return True
+
+    def device_count(self) -> int:
+        return self.count
+
+    def set_rng_state(self, state, device):
+        if device >= self.count:  # what the real call does for a device that is not there
+            raise IndexError(f"device {device} of {self.count}")
+        self.set[device] = state
+
+    def set_rng_state_all(self, states):  # the old code path: one state per writer GPU
+        for index, state in enumerate(states):
+            self.set_rng_state(state, index)
+
+
+@pytest.mark.parametrize("visible", [1, 2, 8, 12])
+def test_cuda_rng_restores_the_states_of_the_gpus_that_exist(monkeypatch, caplog, visible):
+    saved = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]  # written on 8 GPUs
+    fake = _FakeCuda(visible)
+    monkeypatch.setattr(checkpoint_module.torch, "cuda", fake)
+    state = {"torch": torch.get_rng_state(), "python": __import__("random").getstate(),
+             "cuda": saved}
+    # Negative control: restoring every saved state, as before, fails on a smaller node.
+    if visible < len(saved):
+        with pytest.raises(IndexError):
+            _FakeCuda(visible).set_rng_state_all(saved)
+    checkpoint_module.restore_rng(state)
+    assert sorted(fake.set) == list(range(min(visible, 8)))
+    assert all(torch.equal(fake.set[i], saved[i]) for i in fake.set)
+    assert ("holds CUDA RNG states of 8 GPUs" in caplog.text) is (visible != 8)

@@ -347,3 +347,29 @@ def test_our_key_list_covers_every_key_deepspeed_reads():
     assert len(looked_up) > 40, "the recording dict saw too few lookups to mean anything"
     assert looked_up - removed <= DEEPSPEED_KEYS
     assert not DEEPSPEED_KEYS & removed
+
+
+# -- bf16 gradient accumulation --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, dtype, expected", [
+    ("zero3", "bf16", "fp32"), ("zero2", "bf16", "fp32"), ("zero3_offload", "bf16", "fp32"),
+    ("zero3", "fp32", None),  # fp32 already accumulates in fp32: no key
+])
+def test_bf16_accumulates_gradient_partitions_in_fp32(name, dtype, expected):
+    cfg = _cfg(f"train.deepspeed_config={name}", f"model.dtype={dtype}")
+    ds = resolve_ds_config(cfg, cfg.stage1, world_size=2)
+    assert ds.get("data_types", {}).get("grad_accum_dtype") == expected
+
+
+def test_bf16_accumulation_leaves_stage0_and_an_explicit_choice_alone(tmp_path):
+    base = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"}}
+    stage0 = _write(tmp_path, {**base, "zero_optimization": {"stage": 0}}, "z0.json")
+    cfg = _cfg(f"train.deepspeed_config={stage0}", "model.dtype=bf16")
+    # DeepSpeed refuses bf16 weights with fp32 accumulation without ZeRO.
+    assert "data_types" not in resolve_ds_config(cfg, cfg.stage1, world_size=2)
+    chosen = _write(tmp_path, {**base, "zero_optimization": {"stage": 3},
+                               "data_types": {"grad_accum_dtype": "bf16"}}, "z3.json")
+    cfg = _cfg(f"train.deepspeed_config={chosen}", "model.dtype=bf16")
+    assert resolve_ds_config(cfg, cfg.stage1, 2)["data_types"]["grad_accum_dtype"] == "bf16"

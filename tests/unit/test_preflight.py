@@ -24,13 +24,59 @@ def test_offline_alias_validates_without_a_download(tmp_path):
     assert "'bert' encoder; pooling mean" in report.checked[0]
 
 
-def test_hub_id_model_is_refused_as_the_run_refuses_it(tmp_path):
+def _fake_hub_cache(root, repo_id: str):
+    """A Hugging Face hub cache holding ``repo_id`` (a tiny Llama) in huggingface_hub's layout:
+    ``models--owner--name/refs/main`` names a commit, ``snapshots/<commit>/`` holds the files."""
+    from tests._tiny_models import save_tiny_model
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return save_tiny_model(repo / "snapshots" / commit, "llama")
+
+
+def test_hub_id_not_in_the_offline_cache_is_refused_as_the_run_refuses_it(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     report = PreflightReport()
     check_model(_cfg(tmp_path, "model.name_or_path=mistralai/Mistral-7B-v0.1"), report)
     with pytest.raises(ModelError) as run_error:
         resolve_model_source("mistralai/Mistral-7B-v0.1")
     assert report.problems == [str(run_error.value)]
-    assert "never downloads from the hub" in report.problems[0]
+    assert f"not in the Hugging Face cache {tmp_path / 'hf' / 'hub'}" in report.problems[0]
+    assert "huggingface-cli download mistralai/Mistral-7B-v0.1" in report.problems[0]
+
+
+@pytest.mark.parametrize("variable", ["HF_HOME", "HF_HUB_CACHE"])
+def test_hub_id_in_the_hf_cache_resolves_offline_to_its_snapshot(tmp_path, monkeypatch,
+                                                                 variable):
+    snapshot = _fake_hub_cache(tmp_path / "hf", "someone/tiny-llama")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv(variable, str(tmp_path / "hf" / ("hub" if variable == "HF_HUB_CACHE"
+                                                        else "")))
+    assert resolve_model_source("someone/tiny-llama") == (str(snapshot), None)
+    report = PreflightReport()
+    check_model(_cfg(tmp_path, "model.name_or_path=someone/tiny-llama",
+                     "model.template=PromptEOL"), report)
+    assert report.problems == []
+    assert f"{snapshot} ('llama' decoder" in report.checked[0]
+    # The same name with no cache behind it is refused (the cache is what made it resolve).
+    monkeypatch.setenv(variable, str(tmp_path / "empty"))
+    with pytest.raises(ModelError, match="not in the Hugging Face cache"):
+        resolve_model_source("someone/tiny-llama")
+
+
+def test_a_local_folder_named_like_a_hub_id_wins(tmp_path, monkeypatch):
+    from tests._tiny_models import save_tiny_model
+
+    save_tiny_model(tmp_path / "someone" / "tiny-llama", "llama")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model_source("someone/tiny-llama")[0] == "someone/tiny-llama"
 
 
 def test_hub_data_set_is_left_to_the_run(tmp_path):

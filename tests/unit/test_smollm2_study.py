@@ -80,3 +80,36 @@ def test_resume_runs_only_the_unfinished_stage_and_keeps_earlier_wall_times(stud
     study.jobs.clear()
     assert study.main([]) == 0
     assert study.jobs == [1, 2]
+
+
+def test_time_steps_trains_the_stage1_recipe_and_reports_seconds_per_step(study, monkeypatch):
+    """``--time-steps 2 --warmup-steps 1``: one pcc-train job of warm-up + timed steps on the
+    stage-1 recipe (overrides passed through), seconds per step = global batch / pairs per s of
+    the timed steps only."""
+    commands = []
+
+    def fake_train(command):
+        commands.append(command)
+        out = Path(next(a for a in command if a.startswith("run.output_dir=")).split("=", 1)[1])
+        (out / "stage1").mkdir(parents=True)
+        rates = {1: 1.0, 2: 32.0, 3: 16.0}  # step 1 is warm-up (64 s) and must not count
+        (out / "stage1" / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "perf/pairs_per_s": r}) + "\n" for s, r in rates.items()))
+        return 5.0
+
+    monkeypatch.setattr(study, "_run", fake_train)
+    assert study.main(["--time-steps", "2", "--warmup-steps", "1",
+                       "train.single_rank_keep_zero=true"]) == 0
+    (command,) = commands
+    assert command[2].endswith("smollm2_stage1.yaml") and "stage1.max_steps=3" in command
+    assert command[-1] == "train.single_rank_keep_zero=true"
+    result = json.loads((study.RESULTS_DIR / "smollm2_step_time.json").read_text())
+    assert result["global_batch"] == 64
+    assert result["seconds_per_step"] == [2.0, 4.0]
+    assert result["median_seconds_per_step"] == 3.0
+    assert study.jobs == []  # no study stage ran
+
+
+def test_time_steps_refuses_overrides_without_it(study):
+    with pytest.raises(SystemExit):
+        study.main(["stage1.lr=1"])
