@@ -189,6 +189,9 @@ def _full_parameter_runs(tmp_path_factory):
     return _CACHE["full_w1"], _CACHE["full_w2"], (_CACHE["full_w2"].parent / "w2.txt").read_text()
 
 
+# slow: three training launches (~5 min on 2 loaded cores); the default suite keeps the
+# conversion's exact equality with the portable copy and the weights-only reader checks.
+@pytest.mark.slow
 def test_full_parameter_resume_on_another_world_size_through_universal_checkpoints(
         tmp_path_factory, tmp_path):
     """1 -> 2 -> 1 ranks, full-parameter: the uninterrupted 1-rank run's step-10 checkpoint
