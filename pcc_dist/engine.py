@@ -17,12 +17,10 @@ Two pieces:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from pcc_dist import universal_checkpoint
 from pcc_dist.config import PccConfig, StageSettings
 from pcc_dist.distributed import free_port
 from pcc_dist.ds_config import import_deepspeed, resolve_ds_config
+from pcc_dist.safe_loading import weights_only_engine_loads
 from pcc_dist.single_rank import other_layout, single_rank_ds_config
 
 logger = logging.getLogger(__name__)
@@ -482,7 +481,7 @@ class TrainEngine:
 
             load_zero3_weights(self._ds, Path(folder), _CHECKPOINT_TAG, self.world_size)
             return
-        with _weights_only_loads(self._ds.checkpoint_engine):
+        with weights_only_engine_loads(self._ds.checkpoint_engine):
             load_path, _ = self._ds.load_checkpoint(
                 str(folder), tag=_CHECKPOINT_TAG, load_module_strict=not self._has_frozen,
                 load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only,
@@ -700,33 +699,6 @@ class TrainEngine:
                     tensor = tensor.to(dtype)
                 out[key] = tensor
         return out
-
-
-@contextlib.contextmanager
-def _weights_only_loads(checkpoint_engine: Any) -> Iterator[None]:
-    """Make DeepSpeed read checkpoint files with ``torch.load(weights_only=True)``.
-
-    DeepSpeed's torch checkpoint engine unpickles with ``weights_only=False``, so resuming from a
-    folder someone else wrote could run code hidden in it. A checkpoint is data: we allow only
-    tensors, containers and the few DeepSpeed classes its files hold (the ZeRO stage enum, the
-    loss scalers, and ZeRO-1/2's ``fragment_address``, a dataclass of two ints in their
-    parameter-slice map).
-    """
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-    def load(path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    checkpoint_engine.load = load  # instance attribute shadows the class method
-    try:
-        yield
-    finally:
-        del checkpoint_engine.load
 
 
 # stage3_param_persistence_threshold that keeps every parameter whole (more elements than any

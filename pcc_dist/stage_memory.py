@@ -20,34 +20,16 @@ checkpoint prologue/epilogue); ``setup.py`` pins DeepSpeed below 0.20 for that r
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pcc_dist.safe_loading import weights_only_engine_loads
+
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _mmap_weights_only_loads(checkpoint_engine: Any) -> Iterator[None]:
-    """DeepSpeed's file reads as ``torch.load(weights_only=True, mmap=True)``: only tensors and
-    DeepSpeed's loss-scaler and stage classes unpickle, and tensors are read when touched."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    def load(path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-
-    checkpoint_engine.load = load  # instance attribute shadows the class method
-    try:
-        yield
-    finally:
-        del checkpoint_engine.load
 
 
 def load_zero3_weights(ds_engine: Any, folder: Path, tag: str, world_size: int) -> None:
@@ -65,7 +47,7 @@ def load_zero3_weights(ds_engine: Any, folder: Path, tag: str, world_size: int) 
     ds_engine.loaded_checkpoint_dp_world_size = world_size
     if hasattr(opt, "checkpoint_event_prologue"):
         opt.checkpoint_event_prologue()
-    with _mmap_weights_only_loads(ds_engine.checkpoint_engine):
+    with weights_only_engine_loads(ds_engine.checkpoint_engine, mmap=True):
         found = ds_engine._load_zero_checkpoint(str(folder), tag, load_optimizer_states=False)
     if hasattr(opt, "checkpoint_event_epilogue"):
         opt.checkpoint_event_epilogue()

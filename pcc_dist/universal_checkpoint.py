@@ -31,27 +31,13 @@ from typing import Any
 
 import torch
 
+from pcc_dist.safe_loading import deepspeed_checkpoint_classes, weights_only_load
+
 logger = logging.getLogger(__name__)
 
 UNIVERSAL_DIR = "universal"
 # The converter's per-tensor files: our name for each (portable_state.pt's keys) -> its file.
 _STATE_FILES = {"params": "fp32.pt", "exp_avg": "exp_avg.pt", "exp_avg_sq": "exp_avg_sq.pt"}
-
-
-def _safe_globals() -> list[Any]:
-    """The DeepSpeed classes a checkpoint file may hold besides tensors and containers."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    # fragment_address (two ints): ZeRO-1/2 optimizer files map each parameter to its slice.
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-def weights_only_load(path: Path, *, mmap: bool = False) -> Any:
-    """``torch.load`` of a checkpoint file as data only (never code), onto the CPU."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 @contextlib.contextmanager
@@ -66,7 +52,7 @@ def _weights_only_torch_load() -> Iterator[None]:
 
     def load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
         kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(deepspeed_checkpoint_classes()):
             return original(f, map_location, *args, **kwargs)
 
     torch.load = load

@@ -227,7 +227,7 @@ def test_malicious_pickle_payload_is_armed(tmp_path):
 
 def test_deepspeed_checkpoint_files_load_weights_only(tmp_path):
     # DeepSpeed's own engine unpickles with weights_only=False; TrainEngine.load_checkpoint runs
-    # it under _weights_only_loads. Its torch checkpoint engine is the real one, so the test
+    # it under weights_only_engine_loads. Its torch checkpoint engine is the real one, so the test
     # breaks if DeepSpeed's load signature changes or our wrapper stops applying.
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
         TorchCheckpointEngine,
@@ -235,7 +235,7 @@ def test_deepspeed_checkpoint_files_load_weights_only(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from pcc_dist.engine import _weights_only_loads
+    from pcc_dist.safe_loading import weights_only_engine_loads
 
     marker = tmp_path / "PWNED"
     torch.save({"module": {"w": torch.ones(2)}, "payload": _Armed(marker)}, tmp_path / "bad.pt")
@@ -243,7 +243,7 @@ def test_deepspeed_checkpoint_files_load_weights_only(tmp_path):
              "optimizer_state_dict": {"state": {0: {"exp_avg": torch.zeros(3)}}}}
     torch.save(clean, tmp_path / "clean.pt")
     engine = TorchCheckpointEngine()
-    with _weights_only_loads(engine):
+    with weights_only_engine_loads(engine):
         with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
             engine.load(str(tmp_path / "bad.pt"), map_location="cpu")
         assert engine.load(str(tmp_path / "clean.pt"))["zero_stage"] == ZeroStageEnum.weights
@@ -286,7 +286,7 @@ def test_universal_reader_allows_what_zero_1_2_files_hold(tmp_path):
     # (two ints); the weights-only reader must allow it or no ZeRO-1/2 checkpoint converts.
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from pcc_dist.universal_checkpoint import weights_only_load
+    from pcc_dist.safe_loading import weights_only_load
 
     path = tmp_path / "optim.pt"
     torch.save({"param_slice_mappings": [{"w": fragment_address(numel=6, start=2)}]}, path)
