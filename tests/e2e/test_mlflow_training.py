@@ -352,6 +352,10 @@ def test_nonzero_rank_makes_no_mlflow_call(normal_run, client):
 # --------------------------------------------------------------------------------------------
 
 
+# slow: test_mlflow_server.py's test_killed_trainer_resumes_same_run_without_duplicate_or_
+# missing_steps checks the same re-attach against a real server in the default suite (stand-in
+# training loop).
+@pytest.mark.slow
 def test_sigkill_and_resume_continue_the_same_run_without_duplicate_or_missing_steps(
         server, client, tiny_llama, tmp_path):
     out = tmp_path / "run"
@@ -399,6 +403,9 @@ def test_sigkill_and_resume_continue_the_same_run_without_duplicate_or_missing_s
 # --------------------------------------------------------------------------------------------
 
 
+# slow: test_mlflow_server.py's test_server_killed_mid_run_then_sync_uploads_everything_once
+# checks the outage journal and its sync against a real server in the default suite.
+@pytest.mark.slow
 def test_server_killed_mid_run_training_finishes_then_sync_uploads_the_journal(
         server, client, tiny_llama, tmp_path):
     out = tmp_path / "run"

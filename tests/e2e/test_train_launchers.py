@@ -83,6 +83,9 @@ def test_torchrun_two_ranks_both_stages_and_exported_model(tiny_llama, tmp_path)
     assert abs(sts_b(tiny_llama, tmp_path) - trained) > 1.0
 
 
+# slow: tests/unit/test_launchers.py checks train_deepspeed.sh's command line with a fake
+# `deepspeed`, and test_torchrun_two_ranks_both_stages_and_exported_model trains on 2 ranks.
+@pytest.mark.slow
 def test_deepspeed_launcher_two_ranks(tiny_llama, tmp_path):
     out = tmp_path / "run"
     run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),

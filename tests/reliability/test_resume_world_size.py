@@ -97,6 +97,9 @@ def test_negative_control_resume_with_lost_adam_moments_leaves_the_trajectory(
     assert worst > 100 * TOL_ACROSS_W, worst
 
 
+# slow: no recipe runs without ZeRO (one rank is ZeRO-1 by default); the default suite resumes
+# ZeRO-1 <-> ZeRO-3 and LoRA checkpoints across world sizes.
+@pytest.mark.slow
 def test_without_zero_checkpoints_save_and_resume_on_another_world_size(tmp_path_factory,
                                                                       tmp_path):
     """ZeRO stage 0 (a user's own DeepSpeed JSON): DeepSpeed wraps no ZeRO optimizer, so there
