@@ -33,30 +33,21 @@ ADAM_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
 NF4_BYTES = 0.5 + 4 / 64  # packed 4-bit + one fp32 absmax per block of 64 (before double quant)
 
 
-def _linear_shapes(hf_config: Any) -> tuple[int, dict[str, tuple[int, int]]]:
-    """Total parameters of ``AutoModel`` (no LM head) and every ``nn.Linear``'s (in, out), from
-    the architecture alone: the model is built on the meta device (no memory, no download)."""
+def _meta_model(hf_config: Any) -> nn.Module:
+    """``AutoModel`` (no LM head) of the architecture, on the meta device: shapes only, no
+    memory, no download."""
     import torch
     from transformers import AutoModel
 
     with torch.device("meta"):
-        model = AutoModel.from_config(hf_config)
-    total = sum(p.numel() for p in model.parameters())
-    linears = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear)}
-    return total, linears
+        return AutoModel.from_config(hf_config)
 
 
-def _lora_trainable(hf_config: Any, r: int, targets: list[str] | None) -> int:
+def _lora_trainable(model: nn.Module, r: int, targets: list[str] | None) -> int:
     """LoRA A (r x in) + B (out x r) on every targeted linear layer (default: every linear layer
     but ``lm_head``, as :func:`pcc_dist.modeling.lora.lora_target_modules` picks)."""
-    import torch
-    from transformers import AutoModel
-
     from pcc_dist.modeling.lora import lora_target_modules
 
-    with torch.device("meta"):
-        model = AutoModel.from_config(hf_config)
     wanted = targets or lora_target_modules(model)
     total = 0
     for name, module in model.named_modules():
@@ -77,10 +68,11 @@ class ParamCounts:
 def count_params(hf_config: Any, mode: str, lora_r: int = 64,
                  lora_targets: list[str] | None = None) -> ParamCounts:
     """N and T for ``model.mode`` ``full``, ``lora`` or ``qlora``; LoRA adds its T to N."""
-    total, _ = _linear_shapes(hf_config)
+    model = _meta_model(hf_config)  # built once: the total and the LoRA shapes both read it
+    total = sum(p.numel() for p in model.parameters())
     if mode == "full":
         return ParamCounts(total, total)
-    lora = _lora_trainable(hf_config, lora_r, lora_targets)
+    lora = _lora_trainable(model, lora_r, lora_targets)
     return ParamCounts(total + lora, lora)
 
 
