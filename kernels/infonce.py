@@ -31,8 +31,8 @@ gradient GEMMs multiply the fp32 G by the upcast inputs in TF32 (tensor cores; t
 are exact in TF32, G is rounded to 10 mantissa bits).
 
 The cross-rank wiring (gather, labels offset by rank, global mean, gradient convention) is shared
-with the torch reference through :func:`pcc_dist.losses.reference.global_infonce`;
-:class:`pcc_dist.losses.reference.InfoNCEFunction` is the oracle of these kernels.
+with the torch reference through :func:`pcc_dist.cross_rank.global_infonce`;
+:class:`pcc_dist.losses.reference_infonce.InfoNCEFunction` is the oracle of these kernels.
 
 Importing this module imports Triton (``ImportError`` naming the package when it is missing).
 """
@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pcc_dist.cross_rank import DEFAULT_EPS, global_infonce
 from pcc_dist.kernels._utils import check_triton_device, require_triton, row_major
 from pcc_dist.kernels.launch import (
     Launch,
@@ -53,7 +54,6 @@ from pcc_dist.kernels.launch import (
     pointer,
     target_programs,
 )
-from pcc_dist.losses.reference import DEFAULT_EPS, global_infonce
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402  (after the guarded import that names the missing package)
@@ -462,7 +462,8 @@ def plan_launches(rows: int, blocks: list[int], dim: int, dtype: torch.dtype,
 
 
 class InfoNCETritonFunction(torch.autograd.Function):
-    """Triton twin of :class:`pcc_dist.losses.reference.InfoNCEFunction` (same inputs and output).
+    """Triton twin of :class:`pcc_dist.losses.reference_infonce.InfoNCEFunction` (same inputs,
+    same output).
 
     Inputs: ``(anchors [B, D], labels [B], temperature, eps, options, *candidate_blocks)`` with
     ``options = (tiles, target programs, workspace bytes)``; output: per-anchor losses ``[B]``
@@ -544,8 +545,8 @@ def infonce_triton(
 ) -> torch.Tensor:
     """Supervised-SimCSE InfoNCE over the global batch with the fused Triton kernels.
 
-    Same contract as :func:`pcc_dist.losses.reference.infonce_reference` (formula, global mean,
-    gradient convention); computes in fp32 (fp32/bf16/fp16 inputs).
+    Same contract as :func:`pcc_dist.losses.reference_infonce.infonce_reference` (formula, global
+    mean, gradient convention); computes in fp32 (fp32/bf16/fp16 inputs).
 
     Args:
         anchors: hᵢ, this rank's anchors.
