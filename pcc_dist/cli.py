@@ -124,7 +124,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """``pcc-eval``: STS7 evaluation, see :mod:`pcc_dist.evaluation`."""
-    from pcc_dist.evaluation import eval_main as run
+    from pcc_dist.eval_cli import eval_main as run
 
     return run(argv)
 

@@ -39,7 +39,7 @@ def test_training_commands_are_a_valid_run_and_a_cuda_evaluation(tmp_path, mode)
     arguments parse with the device forced to CUDA."""
     from pcc_dist.config import load_config
     from pcc_dist.ds_config import find_ds_config
-    from pcc_dist.evaluation import _parser
+    from pcc_dist.eval_cli import _parser
 
     commands = gpu_check.training_commands(tmp_path, tmp_path / "llama", mode, 2)
     train = commands["train"]

@@ -8,7 +8,7 @@ import torch
 
 from pcc_dist import devices
 from pcc_dist.devices import DeviceError, choose_device, place_for_inference
-from pcc_dist.evaluation import eval_main
+from pcc_dist.eval_cli import eval_main
 
 
 def _gpus(monkeypatch, count: int) -> None:
