@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from pcc_dist.cross_rank import DEFAULT_EPS, global_infonce
-from pcc_dist.kernels._utils import check_triton_device, row_major
+from pcc_dist.kernels._utils import check_triton_device, reject_float64, row_major
 from pcc_dist.kernels.infonce_jit import (
     _dot_partial_kernel,
     _grad_logits_kernel,
@@ -422,10 +422,7 @@ def infonce_triton(
         if value is not None:
             check_tile(name, value)
     inputs = [anchors, positives] + ([hard_negatives] if hard_negatives is not None else [])
-    if any(t.dtype == torch.float64 for t in inputs):
-        raise ValueError(
-            "the Triton InfoNCE kernels compute in fp32; use kernel='torch' for float64 inputs"
-        )
+    reject_float64("InfoNCE", inputs)
     check_triton_device(anchors)
 
     def core(a: torch.Tensor, labels: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:

@@ -34,7 +34,12 @@ from pcc_dist.cross_rank import (
     pearson_global_stats,
     resolve_grad_scale,
 )
-from pcc_dist.kernels._utils import check_triton_device, require_triton, row_major
+from pcc_dist.kernels._utils import (
+    check_triton_device,
+    reject_float64,
+    require_triton,
+    row_major,
+)
 from pcc_dist.kernels.launch import Launch, cdiv, next_power_of_2, pointer
 
 triton = require_triton()
@@ -307,10 +312,7 @@ def pearson_triton(
         Pcc-tuning (EMNLP 2024).
     """
     check_pearson_inputs(a, b, scores)
-    if torch.float64 in (a.dtype, b.dtype):
-        raise ValueError(
-            "the Triton Pearson kernel computes in fp32; use kernel='torch' for float64 inputs"
-        )
+    reject_float64("Pearson", [a, b])
     check_triton_device(a)
     scale = resolve_grad_scale(grad_scale, group)
     plan_pearson(0, a.shape[1], a.dtype, scores.dtype, block_b, block_d)  # bad blocks fail here
