@@ -348,7 +348,7 @@ def test_outage_warns_once_journals_backs_off_and_flushes_in_order(store, tmp_pa
 
     cfg = cfg_for(tmp_path, store, "outage")
     tracker = make_tracker(cfg, tmp_path / "run" / "stage1", rank=0, stage="stage1")
-    session = tracker._session
+    session = tracker
     now = [1000.0]
     session.clock = lambda: now[0]
     down = [True]
@@ -408,7 +408,7 @@ def test_rejected_record_is_dropped_without_blocking(store, tmp_path, caplog, mo
     tracker.log_metrics({"train/poison": 1.0}, step=1)
     tracker.log_metrics({"train/loss": 1.0}, step=1)
     tracker.close()
-    assert tracker._session.online and not tracker._session.pending
+    assert tracker.online and not tracker.pending
     assert steps(client_for(store), tracker.run_id, "train/loss") == [1]
     assert any("rejected" in m for m in tracking_warnings(caplog))
     assert sync_main([str(tmp_path / "run"), "--tracking-uri", store]) == 0  # nothing to retry
@@ -514,8 +514,7 @@ def test_hung_server_costs_about_the_http_timeout(tmp_path, caplog):
         for step in range(1, 51):
             tracker.log_metrics({"train/loss": 1.0}, step=step)
         looped = time.monotonic() - started
-        tracker._session.handles.clear()  # skip the final attempt (another 2 s)
-        tracker._session.close()
+        tracker.close_journal()  # skip the final attempt (another 2 s)
     assert opened < 8, opened  # one 2 s timeout + MLflow import/setup under CI load
     assert looped < 1.0, looped  # inside the backoff window calls only append to the journal
     assert len(tracking_warnings(caplog)) == 1
