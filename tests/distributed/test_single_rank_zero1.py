@@ -10,21 +10,17 @@ the portable copy with every fp32 weight and Adam moment bitwise as saved. The 1
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _zero_spawn import run_ranks  # noqa: E402
+from helpers.zero_spawn import run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
 
 def _engine(keep_zero: bool, seed: int):
-    from _tiny_models import tiny_model, word_tokenizer
+    from helpers.tiny_models import tiny_model, word_tokenizer
 
     from pcc_dist.config import load_config
     from pcc_dist.engine import build_engine
@@ -53,7 +49,6 @@ def _full_state(engine, moments: bool = True) -> dict[str, dict[str, torch.Tenso
 
 def worker(rank: int, world_size: int, args: dict) -> dict:
     torch.set_num_threads(1)
-    sys.path.insert(0, str(Path(args["tests"])))
     engine, embedder = _engine(keep_zero=False, seed=0)
     stage_default = engine.zero_stage
     for _ in range(2):
