@@ -420,7 +420,7 @@ def _pair(path: str, number: int, record: dict | DataError, names: dict[str, str
         if names[role] not in record:
             raise missing_column(where, names[role], len(record),
                                  f"keys {[names[r] for r in PAIR_ROLES[:3]]}")
-    # Only a missing/null source means "no source"; `or ""` also turned 0, false and [] into "".
+    # Only a missing/null source means "no source": 0, false and [] are wrong values, not absent.
     source = record.get(names["source"])
     source = "" if source is None else source
     if not isinstance(source, str):

@@ -156,9 +156,8 @@ def make_tracker(cfg: PccConfig, run_dir: Path, *, rank: int, resume_run_id: str
         if known and key not in tracker.run_ids:
             tracker.run_ids[key] = known
         files = {run_file} | ({pipe_file} if role == "pipeline" else set())
-        # The run name (mlflow.runName) and the experiment name are stored like tags; a token
-        # pasted into run.name used to reach MLflow verbatim while its pcc.run_name tag was
-        # redacted.
+        # The run name (mlflow.runName) and the experiment name are stored like tags, so they
+        # are redacted like tags: a token pasted into run.name must not reach MLflow.
         tracker.start_run(key, role, {
             "name": redact_text(name), "experiment": redact_text(cfg.tracking.experiment),
             "tags": redact(tags),
