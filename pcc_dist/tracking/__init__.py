@@ -42,9 +42,9 @@ Outage:
     training loop never sees an exception. Pending records are retried in order with
     exponential backoff (5 s, 10 s, ... capped at 300 s); between attempts a call costs only a
     journal append. MLflow's own HTTP client would retry 7 times over ~4 minutes and wait 120 s
-    per request, so a process with a tracker sets ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and
-    ``MLFLOW_HTTP_REQUEST_TIMEOUT=2`` when it connects (MLflow has no per-client setting): a dead
-    server costs at most ~2 s per attempt.
+    per request, so an open tracker sets ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT=2`` from connect to close (MLflow has no per-client setting):
+    a dead server costs at most ~2 s per attempt.
     The warning is given once per tracking URI and pipeline folder in a process, even though
     each stage opens its own journal. A stage that starts (or ends) while MLflow answers also
     uploads what earlier stage folders of the pipeline left pending.

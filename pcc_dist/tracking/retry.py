@@ -37,11 +37,25 @@ class RetryPolicy:
                                                                   cls.http_timeout_s)))))
 
 
-    def configure_mlflow_http(self) -> None:
-        """Make this process's MLflow HTTP calls use this policy's timeout and retry count.
+    def set_mlflow_http_limits(self) -> dict[str, str | None]:
+        """Make MLflow HTTP calls use this policy's timeout and retry count until
+        :func:`restore_env` is given the returned previous values.
 
         MLflow 3.17 reads both from the environment at each request and offers no per-client
-        setting, so they are set once, when a tracker connects (not around each call).
+        setting, so a tracker sets them once when it connects and restores them when it closes
+        (not around each call).
         """
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(self.http_retries)
-        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(self.http_timeout_s)
+        values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.http_retries),
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.http_timeout_s)}
+        saved = {name: os.environ.get(name) for name in values}
+        os.environ.update(values)
+        return saved
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put back environment variables as ``saved`` holds them (None: unset)."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

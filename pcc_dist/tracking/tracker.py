@@ -10,9 +10,8 @@ import os
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pcc_dist.tracking.constants import (
     JOURNAL_NAME,
@@ -65,10 +64,8 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-@dataclass(frozen=True)
-class RunRef:
+class RunRef(NamedTuple):
     """The pipeline run a stage run is nested under, as seen from the stage's tracker."""
-
     run_id: str
 
 
@@ -443,8 +440,11 @@ class MlflowTracker:
                 return  # down again: the sibling stays pending for later or sync-mlflow
 
     def close_journal(self) -> None:
-        """Close the journal and release the folder lock (no upload attempt)."""
+        """Close the journal, release the folder lock and MLflow's HTTP settings (no upload)."""
         self.journal.close()
+        if self._uploader is not None:
+            self._uploader.close()
+            self._uploader = None
         if self._lock is not None:
             self._lock.close()
             self._lock = None

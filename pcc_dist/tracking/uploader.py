@@ -10,7 +10,7 @@ from typing import Any
 
 from pcc_dist.tracking.constants import MAX_KEY, MAX_TAG_VALUE, MLFLOW_PIN
 from pcc_dist.tracking.redaction import short_error
-from pcc_dist.tracking.retry import RetryPolicy
+from pcc_dist.tracking.retry import RetryPolicy, restore_env
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +70,19 @@ class Uploader:
         self.stats = stats
         self.run_ids = run_ids
         self.on_created = on_created
-        policy.configure_mlflow_http()
-        self.client = MlflowClient(tracking_uri=uri)
+        self._saved_env = policy.set_mlflow_http_limits()
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+        except Exception:
+            self.close()
+            raise
         self._experiments: dict[str, str] = {}
         self._states: dict[str, RunState] = {}
         self._warned_changed: set[str] = set()
+
+    def close(self) -> None:
+        """Give MLflow's HTTP settings back the values they had before this uploader."""
+        restore_env(self._saved_env)
 
     def forget(self) -> None:
         """Drop cached server state: after a failure a batch may have landed in part."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -181,6 +182,18 @@ def test_trackers_satisfy_the_protocol(store, tmp_path):
     assert isinstance(NullTracker(), Tracker)
     with make_tracker(cfg_for(tmp_path, store, "proto"), tmp_path / "run", rank=0) as tracker:
         assert isinstance(tracker, MlflowTracker) and isinstance(tracker, Tracker)
+
+
+def test_mlflow_http_limits_hold_only_while_a_tracker_is_open(store, tmp_path, monkeypatch):
+    # MLflow reads its HTTP timeout from the environment: the tracker's 2 s must not outlive it.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "77")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with make_tracker(cfg_for(tmp_path, store, "limits"), tmp_path / "run", rank=0) as tracker:
+        tracker.log_metrics({"train/loss": 1.0}, step=1)
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "2"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "77"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 
 
 # --------------------------------------------------------------------------------------------
