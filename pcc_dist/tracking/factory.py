@@ -131,7 +131,6 @@ def make_tracker(cfg: PccConfig, run_dir: Path, *, rank: int, resume_run_id: str
     if rank != 0 or cfg.tracking.backend == "none":
         return NullTracker()
     mlflow = import_mlflow()
-
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     # None -> $MLFLOW_TRACKING_URI -> MLflow's default sqlite:///mlflow.db, made absolute now so
