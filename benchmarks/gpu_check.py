@@ -207,7 +207,7 @@ def check_training(workdir: Path) -> dict[str, Any]:
     assert not missing, (f"{missing} not installed for {sys.executable}: run `make gpu-wheels` on "
                          "the development machine and carry .whl (README, GPU check)")
     sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from _tiny_models import save_tiny_model
+    from helpers.tiny_models import save_tiny_model
 
     model = save_tiny_model(workdir / "llama", "llama")
     report: dict[str, Any] = {}

@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from _spawn import run_ranks
+from helpers.spawn import run_ranks
 
 from pcc_dist.distributed import all_gather_with_grad, all_reduce_sum, get_rank, get_world_size
 from pcc_dist.losses import InfoNCELoss, PearsonLoss

@@ -3,13 +3,10 @@ that the only GPU run of a session depends on must not fail on its own logic the
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import load_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import gpu_check  # noqa: E402
+gpu_check = load_benchmark("gpu_check")
 
 
 def test_kernel_section_passes_at_tiny_shapes():

@@ -59,6 +59,6 @@ def test_pcc_eval_refuses_cuda_without_a_gpu_before_loading(monkeypatch, capsys)
 
 @pytest.fixture
 def tiny_llama_module():
-    from tests._tiny_models import tiny_model, word_tokenizer
+    from helpers.tiny_models import tiny_model, word_tokenizer
 
     return tiny_model("llama", word_tokenizer("decoder"))

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny_models import (  # noqa: E402
+from helpers.tiny_models import (
     model_config,
     one_thread,  # noqa: F401  (module fixture, applied through pytestmark)
     save_tiny_model,

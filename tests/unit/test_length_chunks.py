@@ -8,14 +8,17 @@ un-permutation control) is in tests/distributed/test_gradcache_zero3.py.
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.tiny_models import (
+    one_thread,  # noqa: F401  (module fixture, applied through pytestmark)
+    tiny_model,
+    word_tokenizer,
+)
 
 from pcc_dist.gradcache import GradCache
 from pcc_dist.length_chunks import (
@@ -26,13 +29,6 @@ from pcc_dist.length_chunks import (
     real_token_fraction,
 )
 from pcc_dist.step_inputs import Prefetcher, stage_texts
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny_models import (  # noqa: E402
-    one_thread,  # noqa: F401  (module fixture, applied through pytestmark)
-    tiny_model,
-    word_tokenizer,
-)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

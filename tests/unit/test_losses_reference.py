@@ -12,11 +12,11 @@ import math
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.near_cosines import gradient_error, near_cosine_pairs, relative_spread
 
 from pcc_dist.cross_rank import local_moment_sums, pearson_global_stats
 from pcc_dist.losses import (
@@ -27,9 +27,6 @@ from pcc_dist.losses import (
     pearson_reference,
     reference_pearson,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _near_cosines import gradient_error, near_cosine_pairs, relative_spread  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # Naive oracles: the textbook formulas through plain autograd (materialised, not distributed).
