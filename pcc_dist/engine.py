@@ -210,7 +210,11 @@ def _build_optimizer(model: nn.Module, cfg: PccConfig, stage: StageSettings,
     groups = _param_groups(model, stage.weight_decay)
     cpu_adam = use_deepspeed_cpu_adam(cfg.train.optimizer, ds_config)
     if cfg.train.optimizer == "adamw_torch" and not cpu_adam:
-        return torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.999), eps=1e-8)
+        # fused=True: one multi-threaded kernel per group instead of ~10 elementwise passes
+        # (torch's default on CPU); the same update formula, as the HF Trainer's default
+        # "adamw_torch_fused". DeepSpeed hands it the flat fp32 master partitions.
+        return torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.999), eps=1e-8,
+                                 fused=True)
     zero = ds_config.get("zero_optimization", {})
     offload = isinstance(zero.get("offload_optimizer"), dict) and \
         zero["offload_optimizer"].get("device") in ("cpu", "nvme")
@@ -610,7 +614,9 @@ class TrainEngine:
         inner = self._ds.optimizer.optimizer
         for flat in self._master_partitions():
             state = inner.state[flat]
-            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+            # The fused kernel reads ``step`` on the partition's device; the others on the CPU.
+            device = flat.device if inner.defaults.get("fused") else torch.device("cpu")
+            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
             for key in _ADAM_MOMENTS:
                 state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
         self._link_state_fragments()
