@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from pcc_dist.config import PccConfig, StageSettings
+from typing import Any
 
 STS7_TASKS = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
 PROMPT_NAMES = ("PromptEOL", "PromptSUM", "PromptSTH")
@@ -58,7 +55,8 @@ def model_fit_problems(kind: str, pooling: str, template: str | None, why: str) 
     return problems
 
 
-def _check_stage(name: str, s: StageSettings, problems: list[str]) -> None:
+def _check_stage(name: str, s: Any, problems: list[str]) -> None:
+    """Checks of one enabled :class:`~pcc_dist.config.StageSettings` ``s`` named ``name``."""
     def bad(key: str, value: Any, fix: str) -> None:
         problems.append(f"{name}.{key}: got {value!r}; {fix}")
 
@@ -126,8 +124,9 @@ def _check_kernel(kernel: str, problems: list[str]) -> None:
                         "loss.kernel=torch.")
 
 
-def check_config(cfg: PccConfig, problems: list[str]) -> None:
-    """Append one line per semantic problem of ``cfg`` (a tree whose types already passed)."""
+def check_config(cfg: Any, problems: list[str]) -> None:
+    """Append one line per semantic problem of ``cfg``, a :class:`~pcc_dist.config.PccConfig`
+    whose types already passed (this module does not import it: config.py imports this one)."""
     m = cfg.model
     problem = score_range_problem(cfg.data.score_range)
     if problem is not None:
