@@ -52,6 +52,7 @@ from typing import Any, Protocol
 import torch
 
 from pcc_dist.distributed import any_rank
+from pcc_dist.errors import PccError
 from pcc_dist.output_paths import probe_writable
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ _TMP_PREFIX = ".tmp-"
 _DAMAGED_PREFIX = "damaged-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PccError, RuntimeError):
     """A checkpoint cannot be written or read; the message names the folder and the fix."""
 
 

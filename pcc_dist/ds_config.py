@@ -1,8 +1,8 @@
-"""The DeepSpeed JSON of a run: find it, check it, fill the fields the TrainConfig owns.
+"""The DeepSpeed JSON of a run: find it, check it, fill the fields the PccConfig owns.
 
 :func:`resolve_ds_config` reads a DeepSpeed JSON (a path or a built-in name ``zero3``,
-``zero3_offload``, ``zero2``) and fills every field the TrainConfig owns. The JSON writes them as
-``"auto"``; a hard-coded value that disagrees with the TrainConfig, an ``optimizer`` or
+``zero3_offload``, ``zero2``) and fills every field the PccConfig owns. The JSON writes them as
+``"auto"``; a hard-coded value that disagrees with the PccConfig, an ``optimizer`` or
 ``scheduler`` block, or an ``"auto"`` on a field we do not own is a :class:`ConfigError`. The
 training engine (:func:`pcc_dist.engine.build_engine`) and ``pcc-train --validate`` both call it.
 
@@ -13,7 +13,7 @@ also checks every top-level key against :data:`DEEPSPEED_KEYS`, the ZeRO stage a
 the ``zero_optimization``, ``bf16`` and ``fp16`` sections with DeepSpeed's own pydantic models;
 each problem names the file, the key, the value and the fix (a did-you-mean for a misspelt key).
 
-Fields owned by the TrainConfig (DeepSpeed key <- pcc_dist field):
+Fields owned by the PccConfig (DeepSpeed key <- pcc_dist field):
 
 ======================================  ===============================================
 ``train_batch_size``                    ``<stage>.global_batch_size`` (N)
@@ -76,7 +76,7 @@ _SECTION_MODELS = {
 }
 _KEYS_DOC = "https://www.deepspeed.ai/docs/config-json/"
 # Section keys pcc_dist checks itself, more strictly than DeepSpeed's models (the stage) or
-# against the TrainConfig (the precision flags): their pydantic errors would repeat ours.
+# against the PccConfig (the precision flags): their pydantic errors would repeat ours.
 _OUR_CHECKS = frozenset({"zero_optimization.stage", "bf16.enabled", "fp16.enabled"})
 
 
@@ -306,13 +306,13 @@ def _deepspeed_problems(ds: dict[str, Any], path: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Fields the TrainConfig owns
+# Fields the PccConfig owns
 # --------------------------------------------------------------------------------------------
 
 
 def _owned_fields(cfg: PccConfig, stage: StageSettings, name: str, world_size: int,
                   per_rank: int | None) -> list[tuple[str, Any, str]]:
-    """``(dotted DeepSpeed key, value from the TrainConfig, pcc_dist field that sets it)``."""
+    """``(dotted DeepSpeed key, value from the PccConfig, pcc_dist field that sets it)``."""
     dtype = cfg.model.dtype
     fields: list[tuple[str, Any, str]] = [
         ("train_batch_size", stage.global_batch_size, f"{name}.global_batch_size"),
@@ -386,7 +386,7 @@ def _find_autos(node: Any, prefix: str = "") -> list[str]:
 
 def _fill_owned(ds: dict[str, Any], path: Path, cfg: PccConfig, stage: StageSettings,
                 name: str, world_size: int) -> list[str]:
-    """Write the TrainConfig's value into every owned field the JSON leaves out or sets to
+    """Write the PccConfig's value into every owned field the JSON leaves out or sets to
     ``"auto"``; a hard-coded value that disagrees, or ``"auto"`` on a field we do not own, is a
     problem."""
     problems: list[str] = []
@@ -399,7 +399,7 @@ def _fill_owned(ds: dict[str, Any], path: Path, cfg: PccConfig, stage: StageSett
             _set_dotted(ds, key, ours)
         elif not _same(value, ours):
             problems.append(
-                f"{path}: \"{key}\" is {_show(value)} but the TrainConfig gives {ours!r} "
+                f"{path}: \"{key}\" is {_show(value)} but the PccConfig gives {ours!r} "
                 f"(from {field}); write \"auto\" in the JSON so pcc_dist fills it, or change "
                 f"{field.split(' ')[0]}.")
     for key in _find_autos(ds):
@@ -411,7 +411,7 @@ def _fill_owned(ds: dict[str, Any], path: Path, cfg: PccConfig, stage: StageSett
 
 
 def _refused_blocks(ds: dict[str, Any], path: Path, name: str) -> list[str]:
-    """``optimizer`` / ``scheduler`` blocks: pcc_dist builds both from the TrainConfig."""
+    """``optimizer`` / ``scheduler`` blocks: pcc_dist builds both from the PccConfig."""
     owners = {"optimizer": f"train.optimizer and {name}.lr / {name}.weight_decay",
               "scheduler": f"{name}.warmup_steps / {name}.schedule"}
     return [f"{path}: has a \"{block}\" block, but pcc_dist builds the {block} itself from "
@@ -505,7 +505,7 @@ def resolve_ds_config(cfg: PccConfig, stage: StageSettings, world_size: int) -> 
             (line and column named); a key DeepSpeed does not know (with a did-you-mean); a ZeRO
             stage outside 0-3; a value DeepSpeed's own models of ``zero_optimization``,
             ``bf16`` or ``fp16`` refuse; a batch size that does not split evenly over the
-            ranks; a hard-coded owned value that conflicts with the TrainConfig (names file, key
+            ranks; a hard-coded owned value that conflicts with the PccConfig (names file, key
             and both values); an ``optimizer`` or ``scheduler`` block; ``"auto"`` on a key
             pcc_dist does not fill; settings that disable the non-finite guard; anything else
             DeepSpeed's own parser refuses.

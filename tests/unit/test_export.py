@@ -19,15 +19,15 @@ from helpers.tiny_models import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from pcc_dist.export import (  # noqa: E402
-    ExportError,
-    chat_template_for,
     export_adapter,
     export_main,
     export_merged,
     export_sentence_transformers,
     verify_sentence_transformers,
 )
+from pcc_dist.export_target import ExportError  # noqa: E402
 from pcc_dist.modeling import Embedder, load_embedder, save_embedder  # noqa: E402
+from pcc_dist.st_modules import chat_template_for  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
