@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 # it in this dict, never one below. Where a change goes: README "Code map".
 LAYERS: dict[str, tuple[str, ...]] = {
     # Process group, devices, files, names: import nothing of pcc_dist.
-    "foundation": ("distributed", "devices", "hf_names", "output_paths", "progress",
+    "foundation": ("errors", "distributed", "devices", "hf_names", "output_paths", "progress",
                    "safe_loading", "offload", "single_rank"),
     # The cross-rank contract both loss implementations share (collectives, checks, records).
     "cross_rank": ("cross_rank",),
@@ -37,7 +37,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # Loss modules, the pure-torch oracles, the kernel choice.
     "losses": ("losses",),
     # The PccConfig tree and its loader (validates loss.kernel against the losses).
-    "config": ("config",),
+    "config": ("config_yaml", "config_build", "config_checks", "config_docs", "config"),
     # Run folders and checkpoints on disk.
     "checkpoint": ("checkpoint", "universal_checkpoint", "stage_memory", "resume_from"),
     # What a step is made of: data, models, batches, STS scoring, tracking.
@@ -46,17 +46,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # DeepSpeed: the JSON resolver, the engine, the memory plan.
     "engine": ("ds_hf_auto", "ds_config", "engine", "memory_plan"),
     # What a command runs: training, preflight, export.
-    "run": ("trainer", "preflight", "export", "st_modules"),
+    "run": ("trainer", "preflight", "export_target", "st_modules", "export"),
     # Command lines.
     "cli": ("cli", "data_cli", "eval_cli"),
     # The lazy public API (``from pcc_dist import ...``).
     "api": ("pcc_dist",),
 }
 
-# Cycles another change is removing right now (issue #17: H4 breaks export <-> st_modules).
-# Listed so this branch stays green; a listed cycle that no longer exists fails the test, so the
-# entry is deleted when the fix lands.
-KNOWN_CYCLES: tuple[frozenset[str], ...] = (frozenset({"export", "st_modules"}),)
 
 
 @dataclass(frozen=True)
@@ -187,10 +183,7 @@ def _pcc_dist_edges() -> tuple[set[str], list[Edge]]:
 def test_no_import_cycle_between_pcc_dist_nodes():
     _, edges = _pcc_dist_edges()
     cycles = find_cycles(edges)
-    unexpected = [cycle_report(c, edges) for c in cycles if frozenset(c) not in KNOWN_CYCLES]
-    assert not unexpected, "\n".join(unexpected)
-    gone = [sorted(c) for c in KNOWN_CYCLES if sorted(c) not in cycles]
-    assert not gone, f"cycles fixed, delete them from KNOWN_CYCLES: {gone}"
+    assert not cycles, "\n".join(cycle_report(c, edges) for c in cycles)
 
 
 def test_every_node_has_one_layer_and_no_import_goes_up():
