@@ -1,6 +1,7 @@
 """`pcc SUB ...` dispatches to the pcc-* entry points; one PccError base for expected failures."""
 
 import importlib.metadata
+import sysconfig
 
 import pytest
 import yaml
@@ -60,7 +61,10 @@ def test_every_expected_failure_is_a_pcc_error_and_keeps_its_builtin_base(error,
 
 
 def test_pcc_console_script_is_declared():
-    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")
-               if e.name.startswith("pcc")}
+    # The installed metadata in site-packages: a stale pcc_dist.egg-info in the checkout (left
+    # by an older setuptools build) would otherwise be found first through the cwd on sys.path.
+    installed = importlib.metadata.distributions(path=[sysconfig.get_paths()["purelib"]])
+    scripts = {e.name: e.value for d in installed for e in d.entry_points
+               if e.group == "console_scripts" and e.name.startswith("pcc")}
     assert scripts["pcc"] == "pcc_dist.cli:main"
     assert {"pcc-train", "pcc-eval", "pcc-data", "pcc-export"} <= set(scripts)
