@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pcc_dist.config import ConfigError, PccConfig, StageSettings
+from pcc_dist.distributed import import_deepspeed
 from pcc_dist.ds_hf_auto import drop_auto_blocks, fill_hidden_size_autos
 
 logger = logging.getLogger(__name__)
@@ -78,17 +79,6 @@ _KEYS_DOC = "https://www.deepspeed.ai/docs/config-json/"
 # Section keys pcc_dist checks itself, more strictly than DeepSpeed's models (the stage) or
 # against the TrainConfig (the precision flags): their pydantic errors would repeat ours.
 _OUR_CHECKS = frozenset({"zero_optimization.stage", "bf16.enabled", "fp16.enabled"})
-
-
-def import_deepspeed() -> Any:
-    """``import deepspeed``, or an ImportError that says how to install it."""
-    try:
-        import deepspeed
-    except ImportError as exc:
-        raise ImportError(
-            "the training engine needs DeepSpeed: pip install 'deepspeed>=0.19.3,<0.20' "
-            "(a core dependency of pcc-dist; reinstall with `pip install -e .`)") from exc
-    return deepspeed
 
 
 def _stage_name(cfg: PccConfig, stage: StageSettings) -> str:

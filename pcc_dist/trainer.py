@@ -78,7 +78,7 @@ class StageOutcome:
 
 
 def _dist():
-    from pcc_dist.engine import init_distributed
+    from pcc_dist.distributed import init_distributed
 
     return init_distributed()
 
@@ -119,7 +119,7 @@ class StageRunner:
     Args:
         cfg: The resolved config.
         name: ``"stage1"`` or ``"stage2"``.
-        dist_info: Rank, world size, ... from :func:`pcc_dist.engine.init_distributed`.
+        dist_info: Rank, world size, ... from :func:`pcc_dist.distributed.init_distributed`.
         data_root: Resolved data folder.
         test_tasks: STS7 test sets for de-contamination (None = off).
         init_from: Final checkpoint of the previous stage, or None.
