@@ -258,7 +258,7 @@ def link_state_fragments(ds_engine: Any) -> None:
     first step: a fresh engine has none (so a portable load could not write the moments),
     and with two parameter groups (decay / no decay) the second group's state does not
     exist yet then, so its parameters never get views ("exp_avg not found in optimizer state
-    fragment" on save, measured with a full-parameter model at ZeRO-1). Re-linking when the
+    fragment" on save with a full-parameter model at ZeRO-1). Re-linking when the
     state exists fixes both. No-op under ZeRO-3, which has no such views.
     """
     link = getattr(ds_engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)

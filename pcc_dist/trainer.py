@@ -26,12 +26,8 @@ from typing import Any
 
 import torch
 
-from pcc_dist.checkpoint import (
-    CheckpointManager,
-    TrainerState,
-    load_weights_from,
-    preflight_output_dir,
-)
+from pcc_dist.checkpoint import TrainerState, preflight_output_dir
+from pcc_dist.checkpoint_manager import CheckpointManager, load_weights_from
 from pcc_dist.config import PccConfig, StageSettings
 from pcc_dist.data import (
     ScoredPair,

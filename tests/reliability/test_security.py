@@ -37,9 +37,9 @@ from pcc_dist.checkpoint import (  # noqa: E402
     COMPLETE_MARKER,
     STATE_FILE,
     CheckpointError,
-    CheckpointManager,
     TrainerState,
 )
+from pcc_dist.checkpoint_manager import CheckpointManager  # noqa: E402
 from pcc_dist.config import PccConfig, load_config  # noqa: E402
 from pcc_dist.distributed import free_port  # noqa: E402
 
