@@ -109,7 +109,7 @@ class PortableState:
         return self._ds.zero_optimization_stage() > 0
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        return [(n, p) for n, p in self._ds.module.named_parameters() if p.requires_grad]
 
     def shapes(self) -> dict[str, list[int]]:
         """Full shape of every trainable tensor (not of this rank's partition), by name."""
