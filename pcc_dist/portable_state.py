@@ -109,6 +109,8 @@ class PortableState:
         return self._ds.zero_optimization_stage() > 0
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of every parameter with ``requires_grad``, in module order (the
+        order every rank gathers them in)."""
         return [(n, p) for n, p in self._ds.module.named_parameters() if p.requires_grad]
 
     def shapes(self) -> dict[str, list[int]]:

@@ -2,8 +2,8 @@
 previous one is, and nothing is left that a later run could take for complete.
 
 One real run is SIGKILLed inside the save (engine files, RNG and trainer state written, COMPLETE
-marker not yet); the seams of the protocol itself (checkpoint.py) are then hit one by one with a
-stand-in engine in a fresh process, which costs a second each instead of a training run.
+marker not yet); the seams of the protocol itself (checkpoint_manager.py) are then hit one by one
+with a stand-in engine in a fresh process, which costs a second each instead of a training run.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""pcc_dist.engine without a process group: the schedule, the optimizer groups and the
-TrainEngine bookkeeping (on a stand-in for DeepSpeed's engine). The DeepSpeed JSON resolver is
-tested in test_ds_config.py."""
+"""pcc_dist.engine, optim and portable_state without a process group: the schedule, the
+optimizer groups, the checkpoint's world file and shape check, and the TrainEngine bookkeeping
+(on a stand-in for DeepSpeed's engine). The DeepSpeed JSON resolver is tested in
+test_ds_config.py."""
 
 from __future__ import annotations
 
