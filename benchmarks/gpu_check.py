@@ -69,11 +69,12 @@ def check_kernels(device: str = "cuda", infonce_cases=INFONCE_CASES, pearson_cas
     """
     import torch
 
+    from pcc_dist.cross_rank import DEFAULT_EPS
     from pcc_dist.kernels.infonce import InfoNCETritonFunction, Tiles
     from pcc_dist.kernels.launch import target_programs
     from pcc_dist.kernels.pearson import pearson_triton
     from pcc_dist.losses import pearson_reference
-    from pcc_dist.losses.reference import DEFAULT_EPS, InfoNCEFunction
+    from pcc_dist.losses.reference_infonce import InfoNCEFunction
 
     gen = torch.Generator(device=device).manual_seed(0)
     options = (Tiles(), target_programs(torch.device(device)), 256 * 2**20)
@@ -206,7 +207,7 @@ def check_training(workdir: Path) -> dict[str, Any]:
     assert not missing, (f"{missing} not installed for {sys.executable}: run `make gpu-wheels` on "
                          "the development machine and carry .whl (README, GPU check)")
     sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from _tiny_models import save_tiny_model
+    from helpers.tiny_models import save_tiny_model
 
     model = save_tiny_model(workdir / "llama", "llama")
     report: dict[str, Any] = {}

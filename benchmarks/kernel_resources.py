@@ -37,7 +37,7 @@ def defined_kernels() -> set[str]:
     our kernel modules."""
     from triton.runtime.jit import JITFunction
 
-    import pcc_dist.kernels.infonce as infonce
+    import pcc_dist.kernels.infonce_jit as infonce
     import pcc_dist.kernels.pearson as pearson
 
     return {name for module in (infonce, pearson) for name, obj in vars(module).items()

@@ -8,11 +8,11 @@ are counted three ways per step:
 
 * ``whole_view``: each view (64 sentence1s, 64 sentence2s) padded to its longest row, the
   unsorted path (``GradCache(length_sorted=False)``, what the trainer did before);
-* ``sorted_chunks_<C>``: each view's rows sorted by length and cut into ceil(64 / C) chunks,
-  each padded to its own longest row (:func:`pcc_dist.length_chunks.plan_chunks`, what the
-  trainer does now; C = 16 is the plain path's default, ``PLAIN_CHUNK_ROWS``);
-* ``pooled_sorted_16``: the step's 128 sentences sorted together in chunks of 16 (the issue's
-  estimate; the trainer sorts per view, because the two views are separate forwards).
+* ``per_view_chunks_<C>``: each view's rows sorted by length and cut into ceil(64 / C) chunks,
+  each padded to its own longest row (:func:`pcc_dist.length_chunks.plan_chunks` per view);
+* ``pooled_chunks_<C>``: the step's 128 sentences pooled
+  (:func:`pcc_dist.length_chunks.pool_views`), sorted together and cut into ceil(128 / C)
+  chunks: what the trainer does now (C = 16 is the plain path's default, ``PLAIN_CHUNK_ROWS``).
 
 Writes ``benchmarks/results/padding.json``: real tokens per step and, per way, processed tokens
 per step and the real-token fraction, averaged over the epoch's steps.
@@ -52,18 +52,17 @@ def token_embedder(model_path: str, max_length: int):
 
 def step_counts(views: list[dict], chunk_rows: tuple[int, ...]) -> dict[str, int]:
     """Real and processed token positions of one step's views, per way of padding."""
-    from pcc_dist.length_chunks import plan_chunks
+    from pcc_dist.length_chunks import plan_chunks, pool_views
 
     masks = [v["attention_mask"] for v in views]
     counts = {"real": sum(int(m.sum()) for m in masks),
               "whole_view": sum(m.numel() for m in masks)}
+    pooled = pool_views(views).view
     for rows in chunk_rows:
         plans = [plan_chunks(v, math.ceil(v["attention_mask"].shape[0] / rows)) for v in views]
-        counts[f"sorted_chunks_{rows}"] = sum(p.processed_tokens for p in plans)
-    # Longest first: chunk i's width is its first row's length.
-    lengths = sorted((int(n) for m in masks for n in m.sum(1)), reverse=True)
-    counts["pooled_sorted_16"] = sum(len(lengths[i:i + 16]) * lengths[i]
-                                     for i in range(0, len(lengths), 16))
+        counts[f"per_view_chunks_{rows}"] = sum(p.processed_tokens for p in plans)
+        plan = plan_chunks(pooled, math.ceil(pooled["attention_mask"].shape[0] / rows))
+        counts[f"pooled_chunks_{rows}"] = plan.processed_tokens
     return counts
 
 

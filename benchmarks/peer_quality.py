@@ -184,12 +184,12 @@ class Scorer:
 
     @staticmethod
     def load(folder: Path):
-        from pcc_dist.config import ModelConfig
+        from pcc_dist.config import ModelSettings
         from pcc_dist.modeling import load_embedder
 
         # Our run folders carry their own settings (pcc_embedder.json); an ST folder is a plain
         # HF BERT folder, embedded with the demo's mean pooling (ST's own pooling for this model).
-        return load_embedder(ModelConfig(name_or_path=str(folder), pooling="mean", max_length=64))
+        return load_embedder(ModelSettings(name_or_path=str(folder), pooling="mean", max_length=64))
 
     def dev_spearman(self, embedder) -> float:
         from pcc_dist.evaluation import evaluate_sts

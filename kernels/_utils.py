@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernel modules: importing Triton, where it runs, tensor layout.
+"""Helpers shared by the Triton kernel modules: importing Triton, where it runs, input layout
+and dtype.
 
 This module never imports Triton itself, so ``pcc_dist.losses`` can use :func:`interpreter_enabled`
 and :func:`require_triton` with only torch installed.
@@ -48,3 +49,12 @@ def check_triton_device(t: torch.Tensor) -> None:
         "the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1, tests "
         f"only), got {t.device.type} tensors; use kernel='torch'"
     )
+
+
+def reject_float64(loss: str, tensors: list[torch.Tensor]) -> None:
+    """Raise ``ValueError`` when any input is float64: the kernels compute in fp32, and silently
+    rounding a float64 caller's inputs would hide that (the torch path keeps float64)."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        raise ValueError(
+            f"the Triton {loss} kernels compute in fp32; use kernel='torch' for float64 inputs"
+        )

@@ -3,10 +3,10 @@
 Forward: :func:`_pearson_fwd_kernel` reads each row of a and b once, writes the cosine xᵢ and the
 row norms, and one float64 partial of [n, Σx, Σy, Σxy, Σx², Σy²] per program; the host adds the
 partials and all-reduces the six sums (the loss's only collective, shared with the torch reference
-through :func:`pcc_dist.losses.reference.pearson_global_stats`). Backward:
+through :func:`pcc_dist.cross_rank.pearson_global_stats`). Backward:
 :func:`_pearson_bwd_kernel` writes ∂a, ∂b from the saved global moments, with no communication.
 Math, degenerate cases and the gradient convention are those of
-:class:`pcc_dist.losses.reference.PearsonFunction`, which is the oracle of these kernels.
+:class:`pcc_dist.losses.reference_pearson.PearsonFunction`, which is the oracle of these kernels.
 
 Precision: the kernels compute the cosines in fp32 (the reference uses float64). Their rounding,
 about 1.2e-7·|x̄|, enters r and its gradient as an error of about 1.2e-7 / (σx/|x̄|): 1e-4 at a
@@ -26,9 +26,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from pcc_dist.kernels._utils import check_triton_device, require_triton, row_major
-from pcc_dist.kernels.launch import Launch, cdiv, next_power_of_2, pointer
-from pcc_dist.losses.reference import (
+from pcc_dist.cross_rank import (
     DEFAULT_EPS,
     PearsonOutput,
     PearsonStats,
@@ -36,6 +34,13 @@ from pcc_dist.losses.reference import (
     pearson_global_stats,
     resolve_grad_scale,
 )
+from pcc_dist.kernels._utils import (
+    check_triton_device,
+    reject_float64,
+    require_triton,
+    row_major,
+)
+from pcc_dist.kernels.launch import Launch, cdiv, next_power_of_2, pointer
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402  (after the guarded import that names the missing package)
@@ -129,7 +134,7 @@ def _pearson_fwd_kernel(
     tl.store(x_ptr + offs_b, x, mask=row_ok)
     tl.store(norm_a_ptr + offs_b, norm_a, mask=row_ok)
     tl.store(norm_b_ptr + offs_b, norm_b, mask=row_ok)
-    # Partial sums in float64 (why: pcc_dist.losses.reference.local_moment_sums).
+    # Partial sums in float64 (why: pcc_dist.cross_rank.local_moment_sums).
     xd = tl.where(row_ok, x, 0.0).to(tl.float64)
     yd = tl.load(y_ptr + offs_b, mask=row_ok, other=0.0).to(tl.float64)
     base = partial_ptr + pid * 6
@@ -222,7 +227,8 @@ def plan_pearson(rows: int, dim: int, dtype: torch.dtype, score_dtype: torch.dty
 
 
 class PearsonTritonFunction(torch.autograd.Function):
-    """Triton twin of :class:`pcc_dist.losses.reference.PearsonFunction`; returns ``(loss, r)``."""
+    """Triton twin of :class:`pcc_dist.losses.reference_pearson.PearsonFunction`; returns
+    ``(loss, r)``."""
 
     @staticmethod
     def forward(ctx, a, b, scores, group, grad_scale: float, eps: float, blocks):
@@ -275,9 +281,10 @@ def pearson_triton(
 ) -> PearsonOutput:
     """Pcc-tuning loss 1 − r over the global batch with the fused Triton kernels.
 
-    Same contract as :func:`pcc_dist.losses.reference.pearson_reference` (formula, collectives,
-    degenerate cases, gradient convention); computes in fp32 (fp32/bf16/fp16 inputs), and warns
-    (:class:`CosinePrecisionWarning`) when the cosines are too close for fp32 (module docstring).
+    Same contract as :func:`pcc_dist.losses.reference_pearson.pearson_reference` (formula,
+    collectives, degenerate cases, gradient convention); computes in fp32 (fp32/bf16/fp16 inputs),
+    and warns (:class:`CosinePrecisionWarning`) when the cosines are too close for fp32 (module
+    docstring).
 
     Args:
         a: First embedding of each pair on this rank.
@@ -290,7 +297,7 @@ def pearson_triton(
         block_d: Columns per inner step (power of two); default next_pow2(D) capped at 1,024.
 
     Returns:
-        :class:`~pcc_dist.losses.reference.PearsonOutput` ``(loss, r)``.
+        :class:`~pcc_dist.cross_rank.PearsonOutput` ``(loss, r)``.
 
     Raises:
         ValueError: Bad shapes, float64 inputs, or block sizes that are not powers of two.
@@ -305,10 +312,7 @@ def pearson_triton(
         Pcc-tuning (EMNLP 2024).
     """
     check_pearson_inputs(a, b, scores)
-    if torch.float64 in (a.dtype, b.dtype):
-        raise ValueError(
-            "the Triton Pearson kernel computes in fp32; use kernel='torch' for float64 inputs"
-        )
+    reject_float64("Pearson", [a, b])
     check_triton_device(a)
     scale = resolve_grad_scale(grad_scale, group)
     plan_pearson(0, a.shape[1], a.dtype, scores.dtype, block_b, block_d)  # bad blocks fail here

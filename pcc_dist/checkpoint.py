@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from pcc_dist.errors import PccError
 from pcc_dist.output_paths import probe_writable
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ STATE_FILE = "trainer_state.json"
 ENGINE_DIR = "engine"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PccError, RuntimeError):
     """A checkpoint cannot be written or read; the message names the folder and the fix."""
 
 

@@ -1,8 +1,10 @@
-"""Console entry points: ``pcc-train``, ``pcc-eval``, ``pcc-data``.
+"""Console entry points: ``pcc`` (subcommands) and ``pcc-train``, ``pcc-eval``, ``pcc-data``.
 
 Each parses its arguments, turns configuration mistakes into a readable message with exit code 2,
-and hands over to the module that does the work. Heavy imports (DeepSpeed, transformers) happen
-only after the arguments are known to be valid.
+and hands over to the module that does the work; an expected failure (:class:`PccError`) later
+is printed without a traceback. ``pcc SUB ...`` runs the same functions as the ``pcc-*`` scripts
+(``pcc train`` = ``pcc-train``, ``pcc sync-mlflow`` = ``pcc-train sync-mlflow``). Heavy imports
+(DeepSpeed, transformers) happen only after the arguments are known to be valid.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 import warnings
 
 from pcc_dist.config import ConfigError, PccConfig, load_config
+from pcc_dist.config_docs import render_help
+from pcc_dist.errors import PccError
 
 EXIT_CONFIG_ERROR = 2
 
@@ -22,7 +26,9 @@ def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pcc-train",
         description="Pcc-tuning: stage 1 InfoNCE then stage 2 1 - Pearson r, on DeepSpeed.",
-        epilog="Overrides: section.key=value, e.g. stage2.lr=1e-4 model.mode=lora.",
+        epilog="Overrides: section.key=value, e.g. stage2.lr=1e-4 model.mode=lora.\n\n"
+               + render_help(PccConfig()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML recipe (see launchers/configs/).")
     parser.add_argument("--validate", action="store_true",
@@ -97,9 +103,7 @@ def train_main(argv: list[str] | None = None) -> int:
     ``pcc-train sync-mlflow DIR``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["sync-mlflow"]:
-        from pcc_dist.tracking import sync_main
-
-        return sync_main(argv[1:])
+        return sync_mlflow_main(argv[1:])
     args = _train_parser().parse_args(argv)
     cfg = resolve_config(args.config, args.overrides, args.deepspeed_config)
     if cfg is None:
@@ -107,14 +111,11 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.validate:
         return validate(cfg, args.config)
     configure_logging()
-    from pcc_dist.checkpoint import CheckpointError
-    from pcc_dist.data import DataError
-    from pcc_dist.modeling import ModelError
-    from pcc_dist.trainer import TrainingError, run_training
+    from pcc_dist.trainer import run_training
 
     try:
         run_training(cfg)
-    except (ConfigError, DataError, ModelError, CheckpointError, TrainingError) as exc:
+    except PccError as exc:
         # Expected failures carry a message that names the file, field or fix; a traceback
         # would only bury it.
         print(f"pcc-train: {exc}", file=sys.stderr)
@@ -124,7 +125,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """``pcc-eval``: STS7 evaluation, see :mod:`pcc_dist.evaluation`."""
-    from pcc_dist.evaluation import eval_main as run
+    from pcc_dist.eval_cli import eval_main as run
 
     return run(argv)
 
@@ -134,3 +135,58 @@ def data_main(argv: list[str] | None = None) -> int:
     from pcc_dist.data_cli import data_main as run
 
     return run(argv)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``pcc-export``: write an adapter, merged or sentence-transformers folder, see
+    :mod:`pcc_dist.export`."""
+    from pcc_dist.export import export_main as run
+
+    return run(argv)
+
+
+def sync_mlflow_main(argv: list[str] | None = None) -> int:
+    """``pcc-train sync-mlflow RUN_DIR``: upload a run's outage journal to MLflow."""
+    from pcc_dist.tracking import sync_main
+
+    return sync_main(argv)
+
+
+# `pcc SUB ...`: each subcommand and the function the pcc-* script of the same job calls.
+SUBCOMMANDS = {
+    "train": (train_main, "training: stage 1 InfoNCE, then stage 2 Pcc (= pcc-train)"),
+    "eval": (eval_main, "STS7 evaluation of a model or run folder (= pcc-eval)"),
+    "data": (data_main, "data checks such as train/test overlap (= pcc-data)"),
+    "export": (export_main, "adapter, merged or sentence-transformers export (= pcc-export)"),
+    "sync-mlflow": (sync_mlflow_main,
+                    "upload a run's MLflow outage journal (= pcc-train sync-mlflow)"),
+}
+
+
+def _pcc_usage() -> str:
+    lines = ["usage: pcc {" + ",".join(SUBCOMMANDS) + "} ...", "",
+             "Pcc-tuning of sentence embedders. `pcc SUB --help` shows a subcommand's options.",
+             "", "subcommands:"]
+    lines += [f"  {name:<12} {about}" for name, (_, about) in SUBCOMMANDS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pcc SUB [ARGS ...]``: run subcommand ``SUB`` with ``ARGS``; exit code as its ``pcc-*``
+    script's. An expected failure that the subcommand does not report itself is printed, exit 2.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(_pcc_usage(), end="")
+        return 0
+    if not argv or argv[0] not in SUBCOMMANDS:
+        got = f"unknown subcommand {argv[0]!r}" if argv else "no subcommand given"
+        print(f"{_pcc_usage()}pcc: error: {got}; choose one of {', '.join(SUBCOMMANDS)}.",
+              file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    run, _ = SUBCOMMANDS[argv[0]]
+    try:
+        return run(argv[1:])
+    except PccError as exc:
+        print(f"pcc {argv[0]}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR

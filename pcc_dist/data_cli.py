@@ -21,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from pcc_dist.config import score_range_problem
+from pcc_dist.config_checks import score_range_problem
 from pcc_dist.data import (
     STS7_TASKS,
-    DataError,
     ScoredPair,
     decontaminate,
     load_sts7,
@@ -34,6 +33,7 @@ from pcc_dist.data import (
     resolve_data_root,
     skipped_rows,
 )
+from pcc_dist.errors import PccError
 from pcc_dist.output_paths import output_file_problem
 
 EXIT_DATA_ERROR = 1
@@ -92,7 +92,7 @@ def data_main(argv: list[str] | None = None) -> int:
     score_range = tuple(args.score_range) if args.score_range else None
     try:
         result = _check(args.data_root, args.train, args.on_bad_row, score_range)
-    except DataError as exc:
+    except PccError as exc:
         print(f"pcc-data: {exc}", file=sys.stderr)
         return EXIT_DATA_ERROR
     _print_report(result)

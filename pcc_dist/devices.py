@@ -22,12 +22,14 @@ import os
 import torch
 from torch import nn
 
+from pcc_dist.errors import PccError
+
 logger = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-class DeviceError(ValueError):
+class DeviceError(PccError, ValueError):
     """A device that this machine cannot provide; the message names the flag and the fix."""
 
 

@@ -49,7 +49,7 @@ _SECTION_MODELS = {
 }
 _KEYS_DOC = "https://www.deepspeed.ai/docs/config-json/"
 # Section keys pcc_dist checks itself, more strictly than DeepSpeed's models (the stage) or
-# against the TrainConfig (the precision flags): their pydantic errors would repeat ours.
+# against the PccConfig (the precision flags): their pydantic errors would repeat ours.
 _OUR_CHECKS = frozenset({"zero_optimization.stage", "bf16.enabled", "fp16.enabled"})
 
 

@@ -1,8 +1,8 @@
-"""The DeepSpeed JSON of a run: find it, check it, fill the fields the TrainConfig owns.
+"""The DeepSpeed JSON of a run: find it, check it, fill the fields the PccConfig owns.
 
 :func:`resolve_ds_config` reads a DeepSpeed JSON (a path or a built-in name ``zero3``,
-``zero3_offload``, ``zero2``) and fills every field the TrainConfig owns. The JSON writes them as
-``"auto"``; a hard-coded value that disagrees with the TrainConfig, an ``optimizer`` or
+``zero3_offload``, ``zero2``) and fills every field the PccConfig owns. The JSON writes them as
+``"auto"``; a hard-coded value that disagrees with the PccConfig, an ``optimizer`` or
 ``scheduler`` block, or an ``"auto"`` on a field we do not own is a :class:`ConfigError`. The
 training engine (:func:`pcc_dist.engine.build_engine`) and ``pcc-train --validate`` both call it.
 
@@ -10,7 +10,7 @@ The resolver also runs the checks of :mod:`pcc_dist.ds_checks` (keys and values 
 ignore or refuse) and, for a stock Hugging Face Trainer JSON, :mod:`pcc_dist.ds_hf_auto`; every
 problem is collected and raised at once.
 
-Fields owned by the TrainConfig (DeepSpeed key <- pcc_dist field):
+Fields owned by the PccConfig (DeepSpeed key <- pcc_dist field):
 
 ======================================  ===============================================
 ``train_batch_size``                    ``<stage>.global_batch_size`` (N)
@@ -140,13 +140,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Fields the TrainConfig owns
+# Fields the PccConfig owns
 # --------------------------------------------------------------------------------------------
 
 
 def _owned_fields(cfg: PccConfig, stage: StageSettings, name: str, world_size: int,
                   per_rank: int | None) -> list[tuple[str, Any, str]]:
-    """``(dotted DeepSpeed key, value from the TrainConfig, pcc_dist field that sets it)``."""
+    """``(dotted DeepSpeed key, value from the PccConfig, pcc_dist field that sets it)``."""
     dtype = cfg.model.dtype
     fields: list[tuple[str, Any, str]] = [
         ("train_batch_size", stage.global_batch_size, f"{name}.global_batch_size"),
@@ -220,7 +220,7 @@ def _find_autos(node: Any, prefix: str = "") -> list[str]:
 
 def _fill_owned(ds: dict[str, Any], path: Path, cfg: PccConfig, stage: StageSettings,
                 name: str, world_size: int) -> list[str]:
-    """Write the TrainConfig's value into every owned field the JSON leaves out or sets to
+    """Write the PccConfig's value into every owned field the JSON leaves out or sets to
     ``"auto"``; a hard-coded value that disagrees, or ``"auto"`` on a field we do not own, is a
     problem."""
     problems: list[str] = []
@@ -233,7 +233,7 @@ def _fill_owned(ds: dict[str, Any], path: Path, cfg: PccConfig, stage: StageSett
             _set_dotted(ds, key, ours)
         elif not _same(value, ours):
             problems.append(
-                f"{path}: \"{key}\" is {show_json(value)} but the TrainConfig gives {ours!r} "
+                f"{path}: \"{key}\" is {show_json(value)} but the PccConfig gives {ours!r} "
                 f"(from {field}); write \"auto\" in the JSON so pcc_dist fills it, or change "
                 f"{field.split(' ')[0]}.")
     for key in _find_autos(ds):
@@ -245,7 +245,7 @@ def _fill_owned(ds: dict[str, Any], path: Path, cfg: PccConfig, stage: StageSett
 
 
 def _refused_blocks(ds: dict[str, Any], path: Path, name: str) -> list[str]:
-    """``optimizer`` / ``scheduler`` blocks: pcc_dist builds both from the TrainConfig."""
+    """``optimizer`` / ``scheduler`` blocks: pcc_dist builds both from the PccConfig."""
     owners = {"optimizer": f"train.optimizer and {name}.lr / {name}.weight_decay",
               "scheduler": f"{name}.warmup_steps / {name}.schedule"}
     return [f"{path}: has a \"{block}\" block, but pcc_dist builds the {block} itself from "
@@ -321,7 +321,7 @@ def resolve_ds_config(cfg: PccConfig, stage: StageSettings, world_size: int) -> 
             (line and column named); a key DeepSpeed does not know (with a did-you-mean); a ZeRO
             stage outside 0-3; a value DeepSpeed's own models of ``zero_optimization``,
             ``bf16`` or ``fp16`` refuse; a batch size that does not split evenly over the
-            ranks; a hard-coded owned value that conflicts with the TrainConfig (names file, key
+            ranks; a hard-coded owned value that conflicts with the PccConfig (names file, key
             and both values); an ``optimizer`` or ``scheduler`` block; ``"auto"`` on a key
             pcc_dist does not fill; settings that disable the non-finite guard; anything else
             DeepSpeed's own parser refuses.

@@ -124,4 +124,4 @@ def drop_auto_blocks(ds: dict[str, Any], path: Path) -> None:
         if isinstance(params, dict) and params and all(v == _AUTO for v in params.values()):
             del ds[block]
             logger.info("DeepSpeed JSON %s: its \"%s\" block (%s, all \"auto\") is built from "
-                        "the TrainConfig", path, block, value.get("type"))
+                        "the PccConfig", path, block, value.get("type"))

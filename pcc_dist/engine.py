@@ -336,7 +336,7 @@ def build_engine(model: nn.Module, cfg: PccConfig, stage: StageSettings,
         The engine; the process group is started if needed.
 
     Raises:
-        ConfigError: when the DeepSpeed JSON does not fit the TrainConfig.
+        ConfigError: when the DeepSpeed JSON does not fit the PccConfig.
     """
     from pcc_dist.offload import choose_param_offload, local_gpu_bytes
 

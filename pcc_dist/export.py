@@ -49,7 +49,7 @@ run folder (``run.output_dir``, checkpoints and all). A non-empty target is refu
 ``overwrite=True`` (``--overwrite``). Every export is written into a temporary sibling folder
 (``.<name>.tmp-…``) and renamed into place only when complete, so a failed export leaves no
 half-written target; with ``overwrite`` the old target is renamed away (``.<name>.old-…``) just
-before and deleted just after the new one moves in.
+before and deleted just after the new one moves in (:mod:`pcc_dist.export_target`).
 
 The console script ``pcc-export`` calls :func:`export_main`.
 """
@@ -63,7 +63,6 @@ import os
 import shutil
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +70,8 @@ from typing import Any
 
 import torch
 
+from pcc_dist.errors import PccError
+from pcc_dist.export_target import ExportError, check_target, folders_read, staged
 from pcc_dist.model_card import write_model_card
 from pcc_dist.modeling import (
     ADAPTER_DIR,
@@ -78,40 +79,29 @@ from pcc_dist.modeling import (
     QUANTIZATION_CHOICES,
     RUN_CONFIG_NAME,
     Embedder,
-    ModelError,
     _base_source,
     _load_adapter,
     _load_backbone,
     _load_tokenizer,
-    _Settings,
     check_adapter_folder,
     check_run_files,
-    is_training_run,
     load_embedder_from_run,
+    model_settings,
     read_run_config,
     resolve_training_run,
     save_embedder,
 )
-from pcc_dist.st_modules import import_sentence_transformers, save_sentence_transformer
+from pcc_dist.st_modules import (
+    PROBES,
+    chat_template_for,
+    check_chat_template,
+    import_sentence_transformers,
+    save_sentence_transformer,
+)
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("adapter", "merged", "sentence-transformers")
-
-# Probe sentences for the chat-template check: quotes, punctuation, digits and spacing, the places
-# where tokenising the template and the sentence together could differ.
-PROBES = (
-    "A man is playing a guitar.",
-    'She said "hi" twice , then left .',
-    "  leading and trailing spaces  ",
-    "3.5 % of 1,000 people (roughly) agree!",
-    "",
-)
-
-
-class ExportError(ModelError):
-    """An export that cannot be written faithfully; the message says why and what to do."""
-
 
 def _run_dir(source: str | os.PathLike | Embedder, tmp: Path) -> Path:
     """A run folder for ``source``: the folder itself (a training run folder's ``model/``), or an
@@ -123,106 +113,6 @@ def _run_dir(source: str | os.PathLike | Embedder, tmp: Path) -> Path:
     return path
 
 
-def _folders_read(run: Path, meta: dict[str, Any]) -> list[Path]:
-    """The folders an export of ``run`` reads: the run folder and a LoRA run's local base."""
-    base = (meta.get("base_model") or {}).get("name_or_path")
-    folders = [run]
-    if meta["mode"] != "full" and base and Path(base).is_dir():
-        folders.append(Path(base))
-    return folders
-
-
-def _check_target(out: Path, folders_read: Sequence[Path], overwrite: bool) -> None:
-    """Refuse a target whose writing would destroy files the user still needs.
-
-    Raises:
-        ExportError: ``out`` is, contains or lies inside a folder the export reads; it is a
-            training run folder; it is a file; or it is a non-empty folder without ``overwrite``.
-    """
-    target = out.resolve()
-    for folder in folders_read:
-        source = folder.resolve()
-        if target == source or source in target.parents or target in source.parents:
-            where = (
-                "is"
-                if target == source
-                else ("is inside" if source in target.parents else "contains")
-            )
-            raise ExportError(
-                f"target {out} {where} the folder this export reads ({source}); writing there "
-                "would overwrite or delete the model being exported. Give a target folder "
-                "outside it."
-            )
-    if is_training_run(target):
-        raise ExportError(
-            f"target {out} is a training run folder (config.yaml, checkpoints, model/); an "
-            "export never replaces one, even with --overwrite. Give a new folder, e.g. "
-            f"{target.parent / (target.name + '-export')}."
-        )
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"target {out} exists and is not a folder; give a new folder path.")
-    if not overwrite and target.is_dir() and any(target.iterdir()):
-        raise ExportError(
-            f"target {out} is a folder that is not empty; give a new or empty folder, or pass "
-            "--overwrite (overwrite=True) to replace it (the old folder stays until the new "
-            "export is complete)."
-        )
-
-
-def _sibling(out: Path, tag: str) -> Path:
-    """A fresh hidden name next to ``out``: same file system, so renames are atomic."""
-    return out.parent / f".{out.name}.{tag}-{uuid.uuid4().hex[:8]}"
-
-
-@contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A temporary sibling of ``out`` to write into, moved into place when the block succeeds.
-
-    On any failure the sibling is deleted and ``out`` is untouched.
-
-    Raises:
-        ExportError: the sibling cannot be created or written (disk full, permissions).
-    """
-    staging = _sibling(out, "tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-    except OSError as exc:
-        raise ExportError(
-            f"cannot create a folder next to {out} ({exc.strerror or exc}); check that its "
-            "parent folder is writable."
-        ) from exc
-    try:
-        yield staging
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ExportError(
-            f"writing the export for {out} failed ({exc.strerror or exc}); {out} is unchanged. "
-            "Free space (or fix permissions) and run the export again."
-        ) from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _move_into_place(staging, out)
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished export to ``out``; an existing ``out`` is renamed away first.
-
-    Between the two renames ``out`` is briefly missing, but its old content is never deleted
-    before the new one is in place (a crash there leaves it as ``.<name>.old-…``).
-    """
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    old = _sibling(out, "old")
-    os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-    if old.exists():
-        logger.warning("could not delete the replaced export %s; remove it by hand", old)
-
-
 @contextmanager
 def _export(
     source: str | os.PathLike | Embedder, out: Path, overwrite: bool
@@ -231,8 +121,8 @@ def _export(
     with tempfile.TemporaryDirectory() as tmp:
         run = _run_dir(source, Path(tmp))
         meta = read_run_config(run)
-        _check_target(out, _folders_read(run, meta), overwrite)
-        with _staged(out) as staging:
+        check_target(out, folders_read(run, meta), overwrite)
+        with staged(out) as staging:
             yield run, meta, staging
 
 
@@ -278,14 +168,14 @@ def _merged_backbone(
         )
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r} is not one of {list(DTYPES)}.")
-    settings = _Settings.from_config({"dtype": dtype, "attn_implementation": "sdpa"})
+    settings = model_settings({"dtype": dtype, "attn_implementation": "sdpa"})
     if meta["mode"] == "full":
         return _load_backbone(str(run), None, settings, quantize=False, attn="sdpa")
 
     source, gguf_file = _base_source(run, meta)
     quant = meta.get("quantization")
     if quant and quantization == "as_trained":
-        settings = _Settings.from_config(
+        settings = model_settings(
             {
                 "dtype": meta.get("dtype", "fp32"),
                 "mode": "qlora",
@@ -365,47 +255,6 @@ def _write_merged(
     _write_meta(out, merged_meta)
 
 
-def chat_template_for(embedder: Embedder) -> str:
-    """A Jinja chat template: the tokenizer's leading special tokens, then the prompt around a text.
-
-    sentence-transformers passes each text as one user message; the content may be a string ("flat"
-    format) or a list of typed parts ("structured"), so both are accepted. Literals go through
-    ``json.dumps`` to be valid Jinja string literals whatever the template contains.
-    """
-    if embedder.template is None:
-        raise ExportError("chat_template_for() needs a prompt template")
-    prefix, suffix = embedder.template.split("{s}", 1)
-    specials = "".join(embedder.tokenizer.convert_ids_to_tokens(embedder.special_prefix))
-    trailing = "".join(embedder.tokenizer.convert_ids_to_tokens(embedder.special_suffix))
-    lit = lambda text: json.dumps(text, ensure_ascii=False)  # noqa: E731
-    return (
-        "{%- set c = messages[-1]['content'] -%}"
-        "{%- if c is not string -%}"
-        "{%- set c = c | map(attribute='text') | join('') -%}"
-        "{%- endif -%}"
-        f"{{{{ {lit(specials + prefix)} }}}}{{{{ c }}}}{{{{ {lit(suffix + trailing)} }}}}"
-    )
-
-
-def _check_chat_template(embedder: Embedder, tokenizer: Any) -> None:
-    """The chat-template rendering must give exactly the ids :meth:`Embedder.token_ids` gives."""
-    big = 10**6  # no truncation: this compares the rendering, not the cut
-    for probe in PROBES:
-        ours = embedder.token_ids([probe], max_length=big)[0]
-        theirs = tokenizer.apply_chat_template(
-            [{"role": "user", "content": probe}], tokenize=True, return_dict=True
-        )
-        if list(theirs["input_ids"]) != ours:
-            raise ExportError(
-                "the sentence-transformers chat template does not reproduce pcc_dist's tokens "
-                f"for {probe!r}: "
-                f"{tokenizer.convert_ids_to_tokens(list(theirs['input_ids']))} vs "
-                f"{tokenizer.convert_ids_to_tokens(ours)}. This tokenizer re-tokenises its special "
-                "tokens differently inside text; export --format merged and embed with pcc_dist "
-                "instead."
-            )
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -463,7 +312,7 @@ def _write_sentence_transformers(folder: Path) -> None:
         if getattr(tokenizer, "chat_template", None):
             logger.info("replacing the tokenizer's chat template with the prompt template")
         tokenizer.chat_template = chat_template_for(reference)
-        _check_chat_template(reference, tokenizer)
+        check_chat_template(reference, tokenizer)
     else:
         tokenizer.chat_template = None
     # sentence-transformers truncates at the tokenizer's model_max_length.
@@ -569,7 +418,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
             )
         if args.verify and args.format == "sentence-transformers":
             _verify(args.run_dir, args.out_dir, args.quantization, args.device)
-    except ModelError as exc:
+    except PccError as exc:
         print(f"pcc-export: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -24,13 +24,16 @@ Scale factors (none are added here). Example with W = 2 ranks, B = 5 rows per ra
 Dividing the surrogates by the chunk count (3 here) would be wrong: they are parts of one sum,
 not samples of a mean.
 
-Chunks are formed by length (:mod:`pcc_dist.length_chunks`): a view's rows sorted by token count,
-cut into consecutive chunks, each padded only to its own longest row; the embeddings go back to the
-input order before the loss, and G's rows are picked by each chunk's row indices in phase 3. The
-loss sees the same rows, so the gradient is the same up to float rounding, for fewer token
-positions. The plain path (no cache) embeds each view in such length groups too, with autograd,
-then takes one backward. When one chunk holds a whole view on every rank the cache is skipped:
-the plain path gives the same gradient without the second forward.
+Chunks are formed by length (:mod:`pcc_dist.length_chunks`): the rows of all views of the step
+(anchors, positives, negatives; or sentence pairs' two sides) pooled, sorted by token count, cut
+into consecutive chunks, each padded only to its own longest row; the embeddings go back to the
+input order and are split per view before the loss, and G's rows are picked by each chunk's row
+indices in phase 3. The loss sees the same rows, so the gradient is the same up to float
+rounding, for fewer token positions (pooling lets a short anchor share a chunk with a short
+positive instead of padding to the longest row of its own view). The plain path (no cache) embeds
+the pooled rows in such length groups too, with autograd, then takes one backward. When one chunk
+of C holds a whole view on every rank the cache is skipped: the plain path gives the same
+gradient without the second forward.
 
 Under ZeRO-3 every forward gathers parameters and every backward reduce-scatters gradients, so
 every rank must run the same number of chunk forwards and backwards: the chunk count of each view
@@ -58,8 +61,9 @@ from pcc_dist.length_chunks import ChunkPlan, plan_chunks
 logger = logging.getLogger(__name__)
 
 TokenBatch = dict[str, Tensor]
-# Rows per forward of the plain path's length groups (chunk_size=0): on the stage-2 set with the
-# MiniLM tokenizer, groups of 16 of a step's 64 rows cut padded tokens 2.3x (benchmarks/padding.py).
+# Rows per forward of the plain path's length groups (chunk_size=0): small enough that each group
+# pads to a length close to its rows' own, large enough for efficient matrix products
+# (benchmarks/padding.py compares group sizes).
 PLAIN_CHUNK_ROWS = 16
 
 
@@ -83,8 +87,8 @@ class _RngState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-def _agree_chunk_counts(counts: list[int], device: torch.device) -> list[int]:
-    """Per-view chunk counts, max over ranks (one all-reduce of len(views) integers)."""
+def _max_over_ranks(counts: list[int], device: torch.device) -> list[int]:
+    """Per-view integers (view sizes), max over ranks (one all-reduce of len(views) integers)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -94,6 +98,12 @@ def _agree_chunk_counts(counts: list[int], device: torch.device) -> list[int]:
     agreed = torch.tensor(counts, dtype=torch.int64, device=device)
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
     return [int(c) for c in agreed.tolist()]
+
+
+def _on_split(loss_fn: Callable[[list[Tensor]], Tensor],
+              pooled: length_chunks.PooledViews) -> Callable[[list[Tensor]], Tensor]:
+    """``loss_fn`` of the per-view embeddings, fed the one embedding matrix of pooled views."""
+    return lambda embeddings: loss_fn(pooled.split(embeddings[0]))
 
 
 class GradCache:
@@ -108,8 +118,9 @@ class GradCache:
             negative control showing that un-replayed dropout changes the gradient).
         length_sorted: Form the chunks of a view from its rows sorted by token length, each
             padded only to its own longest row (:mod:`pcc_dist.length_chunks`); the embeddings
-            go back to the input order before the loss. False: consecutive untrimmed rows, and
-            one forward per view on the plain path (the reference the tests compare with).
+            go back to the input order before the loss; the views' rows are pooled first. False:
+            per view, consecutive untrimmed rows, and one forward per view on the plain path
+            (the reference the tests compare with).
         plain_rows: Rows per length-grouped forward on the plain path (``chunk_size=0``).
 
     Attributes:
@@ -148,12 +159,13 @@ class GradCache:
             loss_fn: Callable[[list[Tensor]], Tensor]) -> float:
         """Forward, loss and backward of one micro batch; the last backward closes it.
 
-        Each view is embedded in chunks of consecutive length-sorted rows, each trimmed to its
-        longest row, and the embeddings are put back in input order before ``loss_fn``. With
-        the cache on (``chunk_size`` C > 0) a view of B rows takes ceil(B / C) chunks; when
-        that is 1 for every view on every rank the cache is skipped (the plain path computes
-        the same gradient without the second forward). With the cache off, ceil(B /
-        ``plain_rows``) autograd forwards per view and one backward.
+        The views' rows are pooled and embedded in chunks of consecutive length-sorted rows,
+        each trimmed to its longest row; the embeddings are put back in input order and split
+        per view before ``loss_fn``. With the cache on (``chunk_size`` C > 0) the N = Σ_v B_v
+        pooled rows take ceil(N / C) chunks, forwarded twice; when every view on every rank has
+        B_v <= C the cache is skipped (the plain path computes the same gradient without the
+        second forward). The plain path takes ceil(N / ``plain_rows``) autograd forwards and
+        one backward.
 
         Args:
             embed: The engine's module (run as ``engine(**batch)``), or a callable mapping one
@@ -173,20 +185,31 @@ class GradCache:
         """
         if not views:
             raise ValueError("GradCache.run needs at least one view")
-        plans = self._plan(views)
+        sizes = [_batch_size(view) for view in views]
+        device = next(iter(views[0].values())).device
+        # Every rank must take the cached path or none (ZeRO-3 pairs their forwards): decided on
+        # the view sizes agreed across ranks.
+        agreed = _max_over_ranks(sizes, device)
+        cached = self.chunk_size > 0 and max(agreed) > self.chunk_size
+        if self.length_sorted and len(views) > 1:
+            pooled = length_chunks.pool_views(views)
+            views, sizes, agreed = [pooled.view], [sum(sizes)], [sum(agreed)]
+            loss_fn = _on_split(loss_fn, pooled)
+        plans = self._plan(views, sizes, agreed, cached)
         self.real_token_fraction = length_chunks.real_token_fraction(plans)
-        if self.chunk_size == 0 or all(len(p.rows) == 1 for p in plans):
+        if not cached:
             return self._run_plain(embed, views, plans, loss_fn)
         return self._run_cached(embed, views, plans, loss_fn)
 
-    def _plan(self, views: Sequence[TokenBatch]) -> list[ChunkPlan]:
-        """Per view, its chunks; the chunk counts agreed across ranks (ZeRO-3 pairs forwards)."""
-        sizes = [_batch_size(view) for view in views]
-        if self.chunk_size == 0 and not self.length_sorted:
+    def _plan(self, views: Sequence[TokenBatch], sizes: list[int], agreed: list[int],
+              cached: bool) -> list[ChunkPlan]:
+        """Per view, its chunks: ceil(B / C) of them (``plain_rows`` rows each on the plain
+        path), counted from the sizes agreed across ranks so that every rank runs as many
+        forwards; the unsorted reference takes one forward per view on the plain path."""
+        if not self.length_sorted and not cached:
             return [plan_chunks(view, 1, sort=False) for view in views]
-        rows = self.chunk_size or self.plain_rows
-        device = next(iter(views[0].values())).device
-        counts = _agree_chunk_counts([math.ceil(b / rows) for b in sizes], device)
+        rows = self.chunk_size if cached else self.plain_rows
+        counts = [math.ceil(b / rows) for b in agreed]
         for b, n in zip(sizes, counts, strict=True):
             if b < n:
                 raise ValueError(

@@ -1,5 +1,7 @@
 """Length-aware chunks of one view: sort its rows by token length, pad each chunk to its own
-longest row, put the embeddings back in the original order.
+longest row, put the embeddings back in the original order. The views of one step are pooled
+into one such view first (:func:`pool_views`), so rows of similar length share a chunk whichever
+view they come from.
 
 A view (one rank's micro batch of one side: anchors, positives, sentence1, ...) padded to its
 longest row wastes most of its tokens on padding: a random batch of 64 stage-2 pairs with the
@@ -30,6 +32,7 @@ Example (B = 5 rows of lengths [3, 7, 2, 7, 5], 2 pieces):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,3 +155,80 @@ def real_token_fraction(plans: list[ChunkPlan]) -> float:
     """Real tokens over processed (padded) token positions of one step's views on this rank."""
     processed = sum(p.processed_tokens for p in plans)
     return sum(p.real_tokens for p in plans) / processed if processed else 1.0
+
+
+@dataclass(frozen=True)
+class PooledViews:
+    """Several views of one step as one token batch, so that their rows are sorted and chunked
+    together: a short anchor and a short positive share a chunk instead of each padding a chunk
+    of its own view.
+
+    Attributes:
+        view: the views' rows stacked in view order (``[Σ_v B_v, L_max]``), each view widened to
+            the widest with padding columns on its padding side.
+        sizes: B_v per view, to split the embeddings back (:meth:`split`).
+    """
+
+    view: TokenBatch
+    sizes: tuple[int, ...]
+
+    def split(self, embeddings: Tensor) -> list[Tensor]:
+        """``[Σ_v B_v, D]`` embeddings in stacked order -> one ``[B_v, D]`` tensor per view."""
+        return list(torch.split(embeddings, list(self.sizes)))
+
+
+def padding_side(views: Sequence[TokenBatch]) -> str:
+    """``"left"`` or ``"right"``: where the views' padding columns are, read off their masks.
+
+    A row with a padding column before its first real token is left padded, one with a padding
+    column after its last real token right padded. Views without any padding fit either side;
+    then ``"right"``: real tokens keep their positions (decoder positions come from the mask,
+    ``Embedder.forward``) and ``last`` pooling finds the last real token on either side.
+
+    Raises:
+        ValueError: when some rows are padded on the left and others on the right (views from
+            two tokenizers: their rows must not share a forward).
+    """
+    left = right = False
+    for view in views:
+        mask = view.get(MASK_KEY)
+        if mask is None:
+            continue
+        mask = mask.detach().to("cpu").bool()
+        real = mask.any(dim=1)
+        left |= bool((real & ~mask[:, 0]).any())
+        right |= bool((real & ~mask[:, -1]).any())
+    if left and right:
+        raise ValueError("views padded on both sides cannot share a forward (two tokenizers?)")
+    return "left" if left else "right"
+
+
+def pool_views(views: Sequence[TokenBatch]) -> PooledViews:
+    """Stack ``views`` into one token batch (see :class:`PooledViews`).
+
+    Every ``[B_v, L_v]`` tensor is widened to ``L_max`` with zeros (attention mask 0, so the
+    new columns are padding: masked out of attention and pooling, dropped again by a chunk's
+    column trim) on the views' :func:`padding_side`, then the views are concatenated row-wise.
+
+    Raises:
+        ValueError: when the views do not hold the same tensor names.
+    """
+    keys = [sorted(view) for view in views]
+    if any(k != keys[0] for k in keys):
+        raise ValueError(f"views to pool must hold the same tensors, got {keys}")
+    sizes = tuple(int(view[MASK_KEY].shape[0]) if MASK_KEY in view
+                  else int(next(iter(view.values())).shape[0]) for view in views)
+    widths = [int(next(iter(view.values())).shape[-1]) for view in views]
+    width = max(widths)
+    left = padding_side(views) == "left"
+    stacked = {}
+    for key in keys[0]:
+        parts = []
+        for view, w in zip(views, widths, strict=True):
+            tensor = view[key]
+            if tensor.dim() >= 2 and w < width:
+                pad = tensor.new_zeros((tensor.shape[0], width - w, *tensor.shape[2:]))
+                tensor = torch.cat([pad, tensor] if left else [tensor, pad], dim=1)
+            parts.append(tensor)
+        stacked[key] = torch.cat(parts)
+    return PooledViews(view=stacked, sizes=sizes)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pcc_dist.config import STS7_TASKS
+from pcc_dist.config_checks import STS7_TASKS
 
 _LABELS = {"STSBenchmark": "STS-B", "SICKRelatedness": "SICK-R"}
 CARD_NAME = "README.md"

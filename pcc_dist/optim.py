@@ -93,7 +93,11 @@ def build_optimizer(model: nn.Module, cfg: PccConfig, stage: StageSettings,
     groups = param_groups(model, stage.weight_decay)
     cpu_adam = use_deepspeed_cpu_adam(cfg.train.optimizer, ds_config)
     if cfg.train.optimizer == "adamw_torch" and not cpu_adam:
-        return torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.999), eps=1e-8)
+        # fused=True: one multi-threaded kernel per group instead of ~10 elementwise passes
+        # (torch's default on CPU); the same update formula, as the HF Trainer's default
+        # "adamw_torch_fused". DeepSpeed hands it the flat fp32 master partitions.
+        return torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.999), eps=1e-8,
+                                 fused=True)
     zero = ds_config.get("zero_optimization", {})
     offload = isinstance(zero.get("offload_optimizer"), dict) and \
         zero["offload_optimizer"].get("device") in ("cpu", "nvme")

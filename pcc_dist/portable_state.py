@@ -219,7 +219,9 @@ class PortableState:
         inner = self._ds.optimizer.optimizer
         for flat in self._master_partitions():
             state = inner.state[flat]
-            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+            # The fused kernel reads ``step`` on the partition's device; the others on the CPU.
+            device = flat.device if inner.defaults.get("fused") else torch.device("cpu")
+            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
             for key in _ADAM_MOMENTS:
                 state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
         link_state_fragments(self._ds)

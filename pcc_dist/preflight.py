@@ -5,7 +5,7 @@ config, and stops before anything is loaded into memory or a process group start
 
 * the DeepSpeed JSON of every enabled stage (:func:`pcc_dist.ds_config.resolve_ds_config`: the
   file exists and parses, its keys are ones DeepSpeed knows, its values pass DeepSpeed's own
-  checks and agree with the TrainConfig) for ``$WORLD_SIZE`` ranks (1 when unset);
+  checks and agree with the PccConfig) for ``$WORLD_SIZE`` ranks (1 when unset);
 * the data: the data root, every row of each enabled stage's training set read by the trainer's
   own reader (a ``datasets`` hub id is left to the run, which needs the internet for it), and the
   STS7 sets used for de-contamination and evaluation;

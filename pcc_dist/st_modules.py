@@ -16,17 +16,76 @@ The folder is assembled from sentence-transformers' own modules and written by i
   the tokenizer's trailing special tokens that pcc_dist drops. The chat template reproduces our
   token ids exactly (checked on probe sentences at export).
 
-sentence-transformers is an optional extra (``pcc-dist[st]``), imported here only.
+The chat template itself (:func:`chat_template_for`) and its check against our token ids
+(:func:`check_chat_template`) are here too. sentence-transformers is an optional extra
+(``pcc-dist[st]``), imported here only.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pcc_dist.export_target import ExportError
 from pcc_dist.modeling import ModelError
 
+if TYPE_CHECKING:
+    from pcc_dist.modeling import Embedder
+
 _POOLING = {"last": "lasttoken", "mean": "mean", "cls": "cls"}
+
+# Probe sentences for the chat-template check: quotes, punctuation, digits and spacing, the places
+# where tokenising the template and the sentence together could differ.
+PROBES = (
+    "A man is playing a guitar.",
+    'She said "hi" twice , then left .',
+    "  leading and trailing spaces  ",
+    "3.5 % of 1,000 people (roughly) agree!",
+    "",
+)
+
+
+def chat_template_for(embedder: Embedder) -> str:
+    """A Jinja chat template: the tokenizer's leading special tokens, then the prompt around a text.
+
+    sentence-transformers passes each text as one user message; the content may be a string ("flat"
+    format) or a list of typed parts ("structured"), so both are accepted. Literals go through
+    ``json.dumps`` to be valid Jinja string literals whatever the template contains.
+    """
+    if embedder.template is None:
+        raise ExportError("chat_template_for() needs a prompt template")
+    prefix, suffix = embedder.template.split("{s}", 1)
+    specials = "".join(embedder.tokenizer.convert_ids_to_tokens(embedder.special_prefix))
+    trailing = "".join(embedder.tokenizer.convert_ids_to_tokens(embedder.special_suffix))
+    lit = lambda text: json.dumps(text, ensure_ascii=False)  # noqa: E731
+    return (
+        "{%- set c = messages[-1]['content'] -%}"
+        "{%- if c is not string -%}"
+        "{%- set c = c | map(attribute='text') | join('') -%}"
+        "{%- endif -%}"
+        f"{{{{ {lit(specials + prefix)} }}}}{{{{ c }}}}{{{{ {lit(suffix + trailing)} }}}}"
+    )
+
+
+def check_chat_template(embedder: Embedder, tokenizer: Any) -> None:
+    """The chat-template rendering must give exactly the ids :meth:`Embedder.token_ids` gives."""
+    big = 10**6  # no truncation: this compares the rendering, not the cut
+    for probe in PROBES:
+        ours = embedder.token_ids([probe], max_length=big)[0]
+        theirs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": probe}], tokenize=True, return_dict=True
+        )
+        if list(theirs["input_ids"]) != ours:
+            raise ExportError(
+                "the sentence-transformers chat template does not reproduce pcc_dist's tokens "
+                f"for {probe!r}: "
+                f"{tokenizer.convert_ids_to_tokens(list(theirs['input_ids']))} vs "
+                f"{tokenizer.convert_ids_to_tokens(ours)}. This tokenizer re-tokenises its special "
+                "tokens differently inside text; export --format merged and embed with pcc_dist "
+                "instead."
+            )
+
 
 
 def import_sentence_transformers() -> tuple[Any, Any, Any]:
@@ -34,8 +93,6 @@ def import_sentence_transformers() -> tuple[Any, Any, Any]:
 
     The 6.x module paths (``sentence_transformers.models`` is deprecated there).
     """
-    from pcc_dist.export import ExportError
-
     try:
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.modules import Pooling, Transformer

@@ -39,12 +39,14 @@ from pcc_dist.data import (
     rescale_scores,
     resolve_data_root,
 )
-from pcc_dist.evaluation import evaluate_sts, format_table
+from pcc_dist.errors import PccError
+from pcc_dist.evaluation import evaluate_sts
 from pcc_dist.progress import progress_enabled
 from pcc_dist.resume_from import explicit_resume_point
 from pcc_dist.sampling import GlobalBatchPlan
 from pcc_dist.sharded_encode import ShardedEncoder
 from pcc_dist.step_inputs import Prefetcher, tokenize_views
+from pcc_dist.sts_protocol import format_table
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ STAGES = ("stage1", "stage2")
 METRICS_FILE = "metrics.jsonl"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PccError, RuntimeError):
     """The run cannot continue; the message says why and how to resume."""
 
 

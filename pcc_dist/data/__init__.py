@@ -6,7 +6,8 @@ Modules:
   :class:`DataError`, the bad-row policy and its registry (:func:`skipped_rows`),
   :func:`rescale_scores`.
 * ``tables``: csv / tsv / jsonl parsing with line numbers.
-* ``readers``: one reader per file format.
+* ``readers``: one reader per training / STS-B / SICK file format.
+* ``senteval``: :func:`read_senteval_sts` (SentEval STS12-16 folders).
 * ``sources``: :func:`resolve_data_root`, :func:`load_sts_task`, :func:`load_sts7`,
   :func:`load_training_set`.
 * ``decontamination``: :func:`normalise_text`, :func:`decontaminate`.
@@ -28,10 +29,10 @@ from pcc_dist.data.readers import (
     is_hub_id,
     read_nli_triplets,
     read_pairs,
-    read_senteval_sts,
     read_sick,
     read_stsb,
 )
+from pcc_dist.data.senteval import read_senteval_sts
 from pcc_dist.data.sources import (
     ENV_DATA_DIR,
     load_sts7,

@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pcc_dist.errors import PccError
+
 logger = logging.getLogger(__name__)
 
 STS7_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness")
@@ -38,7 +40,7 @@ _REASONS_LOGGED = 3
 _skipped: dict[str, int] = {}
 
 
-class DataError(ValueError):
+class DataError(PccError, ValueError):
     """A data file (or data setting) is unusable; the message says where and why.
 
     Attributes:
@@ -193,7 +195,7 @@ def read_lines(path: Path) -> tuple[list[str], dict[int, str]]:
             lines.append(chunk.decode("utf-8", errors="replace"))
     # Emptiness is judged on the decoded text, the way every reader skips blank lines
     # (str.strip), not on the bytes: a BOM alone, or only Unicode whitespace such as U+001C or
-    # U+3000, left the readers with no line at all and they crashed (IndexError, StopIteration).
+    # U+3000, leaves the readers no line at all, which must be this error rather than theirs.
     if not any(line.strip() for line in lines):
         raise DataError("file is empty (no rows); expected at least one data row", path=path,
                         line=1)

@@ -1,9 +1,9 @@
 """Train/test de-contamination against the STS7 test sets.
 
 STS-B was assembled from the STS 2012-2016 tasks, so STS-B *train* shares pairs with the STS12-16
-*test* sets; training on them inflates STS12-16 scores (the paper's earlier ~90 average came from
-an unfiltered set). Matching must survive two text forms: the training file holds original cased
-text, the SentEval test files are Moses-tokenised and lower-cased (``woman's`` vs ``woman ' s``).
+*test* sets; training on them inflates STS12-16 scores. Matching must survive two text forms:
+the training file holds original cased text, the SentEval test files are Moses-tokenised and
+lower-cased (``woman's`` vs ``woman ' s``).
 """
 
 from __future__ import annotations

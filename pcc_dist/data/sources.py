@@ -23,11 +23,11 @@ from pcc_dist.data.readers import (
     pair_columns,
     pairs_from_table,
     read_pairs,
-    read_senteval_sts,
     read_sick,
     read_stsb,
     triplets_from_table,
 )
+from pcc_dist.data.senteval import read_senteval_sts
 from pcc_dist.data.tables import Table, load_table
 
 logger = logging.getLogger(__name__)

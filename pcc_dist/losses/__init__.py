@@ -5,8 +5,10 @@
 this package needs only torch: the Triton kernels load lazily, on the Triton path.
 """
 
+from pcc_dist.cross_rank import PearsonOutput
 from pcc_dist.losses.infonce import InfoNCELoss
 from pcc_dist.losses.pearson import PearsonLoss
-from pcc_dist.losses.reference import PearsonOutput, infonce_reference, pearson_reference
+from pcc_dist.losses.reference_infonce import infonce_reference
+from pcc_dist.losses.reference_pearson import pearson_reference
 
 __all__ = ["InfoNCELoss", "PearsonLoss", "PearsonOutput", "infonce_reference", "pearson_reference"]

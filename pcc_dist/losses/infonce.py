@@ -2,9 +2,9 @@
 
 Kernel choice ``auto | triton | torch``: ``auto`` runs the fused Triton kernels
 (:mod:`pcc_dist.kernels.infonce`) on CUDA tensors and the tiled pure-torch reference
-(:func:`pcc_dist.losses.reference.infonce_reference`) elsewhere, logging the choice once per module
-and device type. Neither materialises the [N × M] logit matrix. Both share the cross-rank wiring
-and the gradient convention of :mod:`pcc_dist.losses.reference` (gradients pre-multiplied by W so
+(:func:`pcc_dist.losses.reference_infonce.infonce_reference`) elsewhere, logging the choice once per
+module and device type. Neither materialises the [N × M] logit matrix. Both share the cross-rank
+wiring and the gradient convention of :mod:`pcc_dist.cross_rank` (gradients pre-multiplied by W so
 that DeepSpeed's/DDP's average yields the union-batch gradient).
 """
 
@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pcc_dist.cross_rank import DEFAULT_EPS
 from pcc_dist.losses.kernel_choice import resolve_kernel_once, validate_kernel_choice
-from pcc_dist.losses.reference import DEFAULT_EPS, infonce_reference
+from pcc_dist.losses.reference_infonce import infonce_reference
 
 __all__ = ["InfoNCELoss"]
 

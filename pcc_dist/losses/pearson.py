@@ -2,9 +2,9 @@
 
 Kernel choice ``auto | triton | torch``: ``auto`` runs the fused Triton kernels
 (:mod:`pcc_dist.kernels.pearson`) on CUDA tensors and the pure-torch reference
-(:func:`pcc_dist.losses.reference.pearson_reference`) elsewhere, logging the choice once per module
-and device type. Both implementations share the math, the single all-reduce of six sums, the
-degenerate-case policy and the gradient convention documented in :mod:`pcc_dist.losses.reference`:
+(:func:`pcc_dist.losses.reference_pearson.pearson_reference`) elsewhere, logging the choice once per
+module and device type. Both implementations share the math, the single all-reduce of six sums, the
+degenerate-case policy and the gradient convention documented in :mod:`pcc_dist.cross_rank`:
 gradients are pre-multiplied by W (``grad_scale=None``) so that DeepSpeed's/DDP's gradient average
 yields the union-batch gradient.
 """
@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pcc_dist.cross_rank import DEFAULT_EPS, PearsonOutput
 from pcc_dist.losses.kernel_choice import resolve_kernel_once, validate_kernel_choice
-from pcc_dist.losses.reference import DEFAULT_EPS, PearsonOutput, pearson_reference
+from pcc_dist.losses.reference_pearson import pearson_reference
 
 __all__ = ["PearsonLoss"]
 
@@ -35,7 +36,7 @@ class PearsonLoss(nn.Module):
     After each forward, :attr:`last_r` holds the batch r (detached 0-dim tensor) for logging as
     ``train/pearson_r``; the forward itself returns only the loss.
 
-    Degenerate batches (module docstring of :mod:`pcc_dist.losses.reference`): fewer than 2 pairs
+    Degenerate batches (module docstring of :mod:`pcc_dist.cross_rank`): fewer than 2 pairs
     globally raise ``ValueError``; zero variance of cosines or scores gives r = 0, loss 1, zero
     gradient and a ``RuntimeWarning``.
 

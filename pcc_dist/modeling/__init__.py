@@ -41,7 +41,8 @@ Modules (each with one job; everything is re-exported here):
 * ``model_files``: cheap checks of a model folder's files (config, safetensors headers, adapter)
   before transformers reads them, and the net that turns its load errors into :class:`ModelError`.
 * ``attention``: :func:`choose_attn_implementation`.
-* ``settings``: the validated model settings (``_Settings``).
+* ``settings``: :func:`model_settings`, any config object or dict as a checked
+  :class:`~pcc_dist.config.ModelSettings`.
 * ``backbone``: ``AutoModel`` load (full precision or NF4), tokenizer, gradient checkpointing.
 * ``lora``: :func:`lora_target_modules`, the peft config, the frozen 4-bit base.
 * ``embedder``: the :class:`Embedder` (prompting, truncation, padding, encode).
@@ -54,7 +55,7 @@ Modules (each with one job; everything is re-exported here):
   and :func:`check_run_files` check without loading.
 """
 
-# _load_backbone, _load_tokenizer, _load_adapter, _base_source and _Settings are private but
+# _load_backbone, _load_tokenizer, _load_adapter and _base_source are private but
 # re-exported (``x as x``): pcc_dist.export imports them from here.
 from pcc_dist.modeling._core import DTYPES, ModelError
 from pcc_dist.modeling.attention import ATTN_IMPLEMENTATIONS, choose_attn_implementation
@@ -86,8 +87,7 @@ from pcc_dist.modeling.run_folder import (
     run_metadata,
     save_embedder,
 )
-from pcc_dist.modeling.settings import MODES, QUANT_STORAGE
-from pcc_dist.modeling.settings import _Settings as _Settings
+from pcc_dist.modeling.settings import MODES, QUANT_STORAGE, model_settings
 from pcc_dist.modeling.sources import ALIAS_MINILM, ALIAS_SMOLLM2, resolve_model_source
 from pcc_dist.modeling.templates import DEFAULT_DECODER_TEMPLATE, TEMPLATES, resolve_template
 
@@ -121,6 +121,7 @@ __all__ = [
     "load_embedder",
     "load_embedder_from_run",
     "lora_target_modules",
+    "model_settings",
     "plan_model",
     "pool",
     "read_run_config",

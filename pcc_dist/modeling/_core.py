@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pcc_dist.errors import PccError
+
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
@@ -23,7 +25,7 @@ _BNB_HINT = "pip install 'pcc-dist[qlora]' (bitsandbytes, an optional extra)"
 _PEFT_HINT = "pip install 'peft>=0.13' (a core dependency of pcc-dist: pip install pcc-dist)"
 
 
-class ModelError(ValueError):
+class ModelError(PccError, ValueError):
     """A model setting that cannot work; the message names the field, the value and the fix.
 
     Args:

@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from pcc_dist.config import ModelSettings
 from pcc_dist.modeling._core import _BNB_HINT, DTYPES, _base_config, _import_or_error
 from pcc_dist.modeling.model_files import check_model_folder, reading
-from pcc_dist.modeling.settings import _Settings
 
 logger = logging.getLogger(__name__)
 
 
-def _quant_config(s: _Settings) -> Any:
+def _quant_config(s: ModelSettings) -> Any:
     """bitsandbytes NF4 config; the storage dtype defaults to the parameter dtype.
 
     ZeRO-3 partitions parameters by flattening them into buffers of one dtype; packed 4-bit weights
@@ -31,13 +31,13 @@ def _quant_config(s: _Settings) -> Any:
     _import_or_error("bitsandbytes", "model.mode", s.mode, _BNB_HINT)
     from transformers import BitsAndBytesConfig
 
-    storage_name = s.dtype if s.quant_storage == "auto" else s.quant_storage
+    storage_name = s.dtype if s.qlora.quant_storage_dtype == "auto" else s.qlora.quant_storage_dtype
     storage = torch.uint8 if storage_name == "uint8" else DTYPES[storage_name]
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=s.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[s.compute_dtype],
+        bnb_4bit_use_double_quant=s.qlora.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[s.qlora.compute_dtype],
         bnb_4bit_quant_storage=storage,
     )
 
@@ -59,7 +59,7 @@ def _load_config(source: str, gguf_file: str | None, trust_remote_code: bool) ->
 
 
 def _load_backbone(
-    source: str, gguf_file: str | None, s: _Settings, *, quantize: bool, attn: str
+    source: str, gguf_file: str | None, s: ModelSettings, *, quantize: bool, attn: str
 ) -> nn.Module:
     """``AutoModel`` from a local folder (no LM head: embeddings never need vocabulary logits).
 
@@ -80,7 +80,7 @@ def _load_backbone(
 
 
 def _from_pretrained(
-    source: str, gguf_file: str | None, s: _Settings, *, quantize: bool, attn: str
+    source: str, gguf_file: str | None, s: ModelSettings, *, quantize: bool, attn: str
 ) -> nn.Module:
     """``AutoModel.from_pretrained`` with the settings' dtype, attention and quantisation."""
     from transformers import AutoModel
@@ -125,9 +125,8 @@ def _disable_bnb_cpu_inference_path(model: nn.Module) -> None:
 
     On CPUs with AVX512-BF16, bitsandbytes' ``Linear4bit`` switches to another kernel when it runs
     in eval mode without autograd: it repacks the weight bytes in place and multiplies with
-    different rounding (measured here: 4.5e-2 max abs difference on the embeddings of a tiny
-    Llama, norm 8). Evaluation must see the numerics the adapter was trained with, so that path is
-    turned off.
+    different rounding. Evaluation must see the numerics the adapter was trained with, so that
+    path is turned off.
     """
     count = 0
     for module in model.modules():

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pcc_dist.config import LoraSettings, ModelSettings, QuantSettings
 from pcc_dist.modeling._core import (
     DTYPES,
     ModelError,
@@ -38,7 +39,7 @@ from pcc_dist.modeling.run_folder import (
     read_run_config,
     resolve_training_run,
 )
-from pcc_dist.modeling.settings import _Settings
+from pcc_dist.modeling.settings import check_model_settings, model_settings
 from pcc_dist.modeling.sources import ALIAS_MINILM, ALIAS_SMOLLM2, resolve_model_source
 from pcc_dist.modeling.templates import resolve_template
 
@@ -49,7 +50,7 @@ QUANTIZATION_CHOICES = ("as_trained", "none")
 
 
 def _spec(
-    s: _Settings, source: str, gguf_file: str | None, kind: str, targets: list[str] | None
+    s: ModelSettings, source: str, gguf_file: str | None, kind: str, targets: list[str] | None
 ) -> dict:
     spec: dict[str, Any] = {
         "mode": s.mode,
@@ -69,17 +70,18 @@ def _spec(
     }
     if s.mode != "full":
         spec["lora"] = {
-            "r": s.lora_r,
-            "alpha": s.lora_alpha,
-            "dropout": s.lora_dropout,
+            "r": s.lora.r,
+            "alpha": s.lora.alpha,
+            "dropout": s.lora.dropout,
             "target_modules": targets,
         }
     if s.mode == "qlora":
         spec["quantization"] = {
             "method": "bitsandbytes-nf4",
-            "double_quant": s.double_quant,
-            "compute_dtype": s.compute_dtype,
-            "quant_storage_dtype": s.dtype if s.quant_storage == "auto" else s.quant_storage,
+            "double_quant": s.qlora.double_quant,
+            "compute_dtype": s.qlora.compute_dtype,
+            "quant_storage_dtype": (s.dtype if s.qlora.quant_storage_dtype == "auto"
+                                    else s.qlora.quant_storage_dtype),
         }
     return spec
 
@@ -93,7 +95,7 @@ def load_embedder(cfg: Any, *, for_training: bool = False) -> Embedder:
     training run folder (its ``model/`` is loaded).
 
     Args:
-        cfg: ``ModelConfig`` (or any object/dict with its fields).
+        cfg: ``ModelSettings`` (or any object/dict with its fields).
         for_training: train mode, gradient checkpointing if configured, trainable adapters.
             Otherwise the model is returned in eval mode.
 
@@ -115,9 +117,10 @@ def load_embedder(cfg: Any, *, for_training: bool = False) -> Embedder:
 
         if s.mode == "qlora":
             backbone = _prepare_for_kbit(backbone)
-        targets = list(s.lora_targets) if s.lora_targets else lora_target_modules(backbone)
+        targets = (list(s.lora.target_modules) if s.lora.target_modules
+                   else lora_target_modules(backbone))
         backbone = peft.get_peft_model(backbone, _lora_config(s, targets))
-        logger.info("LoRA (%s): r=%d alpha=%d on %s", s.mode, s.lora_r, s.lora_alpha, targets)
+        logger.info("LoRA (%s): r=%d alpha=%d on %s", s.mode, s.lora.r, s.lora.alpha, targets)
     if for_training and s.gradient_checkpointing:
         _enable_checkpointing(backbone)
     embedder = Embedder(
@@ -182,7 +185,7 @@ def _load_run(
     for_training: bool,
     quantization: str,
     max_length: int | None = None,
-    cfg_settings: _Settings | None = None,
+    cfg_settings: ModelSettings | None = None,
     merge_lora: bool = True,
 ) -> Embedder:
     _check_choice("quantization", quantization, QUANTIZATION_CHOICES)
@@ -201,7 +204,7 @@ def _load_run(
         )
         quant = None
     lora = meta.get("lora") or {}
-    s = _Settings(
+    s = ModelSettings(
         name_or_path=str(run_dir),
         gguf_file=None,
         kind=meta["kind"],
@@ -209,19 +212,18 @@ def _load_run(
         template=meta["template"],
         max_length=int(max_length or meta["max_length"]),
         mode="qlora" if quant else ("full" if mode == "full" else "lora"),
-        lora_r=lora.get("r", 64),
-        lora_alpha=lora.get("alpha", 16),
-        lora_dropout=lora.get("dropout", 0.05),
-        lora_targets=lora.get("target_modules"),
-        compute_dtype=(quant or {}).get("compute_dtype", "bf16"),
-        double_quant=(quant or {}).get("double_quant", True),
-        quant_storage=(quant or {}).get("quant_storage_dtype", "auto"),
+        lora=LoraSettings(r=lora.get("r", 64), alpha=lora.get("alpha", 16),
+                          dropout=lora.get("dropout", 0.05),
+                          target_modules=lora.get("target_modules")),
+        qlora=QuantSettings(compute_dtype=(quant or {}).get("compute_dtype", "bf16"),
+                            double_quant=(quant or {}).get("double_quant", True),
+                            quant_storage_dtype=(quant or {}).get("quant_storage_dtype", "auto")),
         dtype=meta.get("dtype", "fp32"),
         attn_implementation=(cfg_settings.attn_implementation if cfg_settings else "auto"),
         gradient_checkpointing=bool(cfg_settings.gradient_checkpointing) if cfg_settings else False,
         trust_remote_code=trust_remote_code,
     )
-    s.validate()
+    check_model_settings(s)
     attn = choose_attn_implementation(s.attn_implementation, DTYPES[s.dtype])
     if mode == "full":
         backbone = _load_backbone(str(run_dir), None, s, quantize=False, attn=attn)
@@ -274,7 +276,7 @@ def check_model_files(cfg: Any) -> None:
     Raises:
         ModelError: an invalid model setting, or a missing or damaged file.
     """
-    s = _Settings.from_config(cfg)
+    s = model_settings(cfg)
     source, gguf_file = resolve_model_source(s.name_or_path, s.gguf_file)
     if gguf_file is None and (Path(source) / RUN_CONFIG_NAME).is_file():
         check_run_files(Path(source), trust_remote_code=s.trust_remote_code)
@@ -312,9 +314,9 @@ def _base_source(run_dir: Path, meta: dict[str, Any]) -> tuple[str, str | None]:
     return resolve_model_source(base["name_or_path"], base.get("gguf_file"))
 
 
-def _warn_ignored_fields(s: _Settings, meta: dict[str, Any]) -> None:
+def _warn_ignored_fields(s: ModelSettings, meta: dict[str, Any]) -> None:
     """A run folder brings its own preprocessing; say so when the config asks for something else."""
-    defaults = _Settings.from_config({})
+    defaults = model_settings({})
     for field, key in (
         ("template", "template"),
         ("pooling", "pooling"),

@@ -11,9 +11,9 @@ from typing import Any
 
 from torch import nn
 
+from pcc_dist.config import ModelSettings
 from pcc_dist.modeling._core import _PEFT_HINT, ModelError, _import_or_error
 from pcc_dist.modeling.model_files import reading
-from pcc_dist.modeling.settings import _Settings
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +53,12 @@ def lora_target_modules(model: nn.Module) -> list[str]:
     return wanted
 
 
-def _lora_config(s: _Settings, targets: list[str]) -> Any:
+def _lora_config(s: ModelSettings, targets: list[str]) -> Any:
     peft = _import_or_error("peft", "model.mode", s.mode, _PEFT_HINT)
     return peft.LoraConfig(
-        r=s.lora_r,
-        lora_alpha=s.lora_alpha,
-        lora_dropout=float(s.lora_dropout),
+        r=s.lora.r,
+        lora_alpha=s.lora.alpha,
+        lora_dropout=float(s.lora.dropout),
         target_modules=targets,
         bias="none",
         task_type=peft.TaskType.FEATURE_EXTRACTION,

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pcc_dist.config import model_fit_problems
+from pcc_dist.config import ModelSettings
+from pcc_dist.config_checks import model_fit_problems
 from pcc_dist.modeling._core import _BNB_HINT, _PEFT_HINT, DTYPES, ModelError, _import_or_error
 from pcc_dist.modeling.attention import choose_attn_implementation
 from pcc_dist.modeling.model_files import check_model_folder
 from pcc_dist.modeling.pooling import infer_kind, resolve_pooling
 from pcc_dist.modeling.run_folder import RUN_CONFIG_NAME, read_run_config
-from pcc_dist.modeling.settings import _Settings
+from pcc_dist.modeling.settings import model_settings
 from pcc_dist.modeling.sources import resolve_model_source
 from pcc_dist.modeling.templates import resolve_template
 
@@ -46,7 +47,7 @@ class ModelPlan:
             ``pcc_embedder.json``).
     """
 
-    settings: _Settings
+    settings: ModelSettings
     source: str
     gguf_file: str | None
     run_meta: dict[str, Any] | None
@@ -57,7 +58,7 @@ class ModelPlan:
     origin: Path
 
 
-def _read_hf_config(s: _Settings, source: str, gguf_file: str | None) -> tuple[Any, Path]:
+def _read_hf_config(s: ModelSettings, source: str, gguf_file: str | None) -> tuple[Any, Path]:
     """The Hugging Face config of ``source`` and the file it came from.
 
     Raises:
@@ -91,7 +92,7 @@ def _read_hf_config(s: _Settings, source: str, gguf_file: str | None) -> tuple[A
                          ) from exc
 
 
-def _kind(s: _Settings, hf_config: Any, origin: Path) -> tuple[str, str]:
+def _kind(s: ModelSettings, hf_config: Any, origin: Path) -> tuple[str, str]:
     """The model kind and, for messages, how it is known."""
     if s.kind != "auto":
         return s.kind, f"model.kind={s.kind!r}"
@@ -101,7 +102,7 @@ def _kind(s: _Settings, hf_config: Any, origin: Path) -> tuple[str, str]:
     return kind, f"model_type {model_type!r} in {origin} ({article} {kind})"
 
 
-def _plan_run_folder(s: _Settings, source: str) -> ModelPlan:
+def _plan_run_folder(s: ModelSettings, source: str) -> ModelPlan:
     """A trained run folder: its own settings apply; its base model must still be found."""
     meta = read_run_config(source)
     if meta["mode"] != "full":
@@ -116,7 +117,7 @@ def plan_model(cfg: Any) -> ModelPlan:
     """Everything :func:`~pcc_dist.modeling.load_embedder` checks before it reads weights.
 
     Args:
-        cfg: ``ModelConfig`` (or any object/dict with its fields).
+        cfg: ``ModelSettings`` (or any object/dict with its fields).
 
     Returns:
         The plan the loader follows.
@@ -127,7 +128,7 @@ def plan_model(cfg: Any) -> ModelPlan:
             do not fit the model's kind (each naming the option, the model type and the fix), a
             missing optional dependency of ``model.mode`` or ``model.attn_implementation``.
     """
-    s = _Settings.from_config(cfg)
+    s = model_settings(cfg)
     source, gguf_file = resolve_model_source(s.name_or_path, s.gguf_file)
     if gguf_file is None and (Path(source) / RUN_CONFIG_NAME).is_file():
         return _plan_run_folder(s, source)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pcc_dist.config import model_fit_problems
+from pcc_dist.config_checks import model_fit_problems
 from pcc_dist.modeling._core import ModelError
 
 KINDS = ("auto", "encoder", "decoder")
@@ -53,7 +53,7 @@ def resolve_pooling(pooling: str, kind: str) -> str:
 
     Decoders: ``last`` (the default; the only token of a causal model that has read the whole
     prompt). Encoders: ``mean`` (default) or ``cls``; ``last`` would be the ``[SEP]`` separator.
-    The rule is :func:`pcc_dist.config.model_fit_problems`, shared with the config checks.
+    The rule is :func:`pcc_dist.config_checks.model_fit_problems`, shared with the config checks.
 
     Raises:
         ModelError: unknown pooling name or a pooling that does not fit the kind.

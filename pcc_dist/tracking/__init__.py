@@ -42,8 +42,9 @@ Outage:
     training loop never sees an exception. Pending records are retried in order with
     exponential backoff (5 s, 10 s, ... capped at 300 s); between attempts a call costs only a
     journal append. MLflow's own HTTP client would retry 7 times over ~4 minutes and wait 120 s
-    per request, so our calls run with ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and
-    ``MLFLOW_HTTP_REQUEST_TIMEOUT=2``: a dead server costs at most ~2 s per attempt.
+    per request, so an open tracker sets ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT=2`` from connect to close (MLflow has no per-client setting):
+    a dead server costs at most ~2 s per attempt.
     The warning is given once per tracking URI and pipeline folder in a process, even though
     each stage opens its own journal. A stage that starts (or ends) while MLflow answers also
     uploads what earlier stage folders of the pipeline left pending.
@@ -66,65 +67,34 @@ package is not a git checkout).
 
 The tracker is not thread-safe: call it from the training loop's thread.
 
-Modules:
+Modules, in dependency order:
 
 * ``constants``: run-folder file names, the journal version, MLflow's limits.
 * ``redaction``: :func:`redact`, :func:`redact_text`, redacted copies of artifacts.
 * ``environment``: :func:`environment_tags`.
-* ``interface``: the :class:`Tracker` protocol and :class:`NullTracker`.
 * ``journal``: :func:`read_journal`, the journal writer, ``tracking.json``, the folder lock.
-* ``retry``: :class:`RetryPolicy` and the MLflow HTTP limits.
+* ``retry``: :class:`RetryPolicy` (backoff, MLflow's HTTP timeout and retries).
 * ``uploader``: applies journal records to MLflow (the only module that imports it).
-* ``session``: one journal and its connection, the outage state machine.
-* ``mlflow_tracker``: :class:`MlflowTracker`.
-* ``factory``: :func:`make_tracker`.
 * ``plots``: :func:`metric_history`, :func:`plot_metrics`.
+* ``tracker``: :class:`MlflowTracker`: the journal, the outage state machine, the run.
+* ``factory``: :func:`make_tracker`, the :class:`Tracker` protocol, :class:`NullTracker`.
 * ``sync``: :func:`sync_main` (``pcc-train sync-mlflow``).
 """
 
-from pcc_dist.tracking.constants import (
-    JOURNAL_NAME,
-    JOURNAL_VERSION,
-    LOCK_NAME,
-    MAX_KEY,
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAM_VALUE,
-    MAX_TAG_VALUE,
-    MLFLOW_PIN,
-    PLOT_NAME,
-    PRIVATE_DIR,
-    STATE_NAME,
-)
-from pcc_dist.tracking.environment import ENV_TAG_PACKAGES, environment_tags
-from pcc_dist.tracking.factory import make_tracker
-from pcc_dist.tracking.interface import NullTracker, Tracker
+from pcc_dist.tracking.constants import JOURNAL_NAME
+from pcc_dist.tracking.environment import environment_tags
+from pcc_dist.tracking.factory import NullTracker, Tracker, make_tracker
 from pcc_dist.tracking.journal import read_journal
-from pcc_dist.tracking.mlflow_tracker import MlflowTracker
-from pcc_dist.tracking.plots import DEFAULT_PLOT_KEYS, metric_history, plot_metrics
+from pcc_dist.tracking.plots import metric_history, plot_metrics
 from pcc_dist.tracking.redaction import REDACTED, redact, redact_text
-from pcc_dist.tracking.retry import RetryPolicy
 from pcc_dist.tracking.sync import sync_main
-from pcc_dist.tracking.uploader import SyncStats
+from pcc_dist.tracking.tracker import MlflowTracker
 
 __all__ = [
-    "DEFAULT_PLOT_KEYS",
-    "ENV_TAG_PACKAGES",
     "JOURNAL_NAME",
-    "JOURNAL_VERSION",
-    "LOCK_NAME",
-    "MAX_KEY",
-    "MAX_METRICS_PER_BATCH",
-    "MAX_PARAM_VALUE",
-    "MAX_TAG_VALUE",
-    "MLFLOW_PIN",
-    "PLOT_NAME",
-    "PRIVATE_DIR",
     "REDACTED",
-    "STATE_NAME",
     "MlflowTracker",
     "NullTracker",
-    "RetryPolicy",
-    "SyncStats",
     "Tracker",
     "environment_tags",
     "make_tracker",

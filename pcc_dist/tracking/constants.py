@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 import re
 
 MLFLOW_PIN = "mlflow==3.17.2"
@@ -21,3 +22,9 @@ MAX_KEY = 250
 MAX_METRICS_PER_BATCH = 1000
 # MLflow names: alphanumerics, _ - . space / and : (validate_param_and_metric_name, non-Windows).
 _VALID_NAME = re.compile(r"^[/\w.\- :]+$")
+
+
+def valid_name(name: str) -> bool:
+    """Whether MLflow accepts ``name`` as a param, tag or metric key."""
+    return (0 < len(name) <= MAX_KEY and bool(_VALID_NAME.match(name))
+            and posixpath.normpath(name) == name and not name.startswith(("/", "..")))

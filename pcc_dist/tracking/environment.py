@@ -60,7 +60,7 @@ def environment_tags(world_size: int, nodes: int) -> dict[str, str]:
     return tags
 
 
-def _topology_from_env() -> tuple[int, int]:
+def topology_from_env() -> tuple[int, int]:
     """(world size, nodes) as set by torchrun / the deepspeed launcher / slurm; (1, 1) alone."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)

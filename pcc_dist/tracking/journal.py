@@ -3,6 +3,7 @@ and the folder lock that keeps ``sync-mlflow`` and a live trainer apart."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pcc_dist.tracking.constants import JOURNAL_NAME, LOCK_NAME
+from pcc_dist.tracking.constants import JOURNAL_NAME, LOCK_NAME, MAX_METRICS_PER_BATCH
 
 try:
     import fcntl
@@ -22,7 +23,8 @@ except ImportError:  # Windows: no advisory locks; sync-mlflow then trusts the u
 logger = logging.getLogger(__name__)
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
+    """Wall-clock time in milliseconds, MLflow's timestamp unit."""
     return int(time.time() * 1000)
 
 
@@ -59,7 +61,7 @@ def read_journal(path: str | Path) -> list[dict[str, Any]]:
 
 
 @dataclass
-class _JournalView:
+class JournalView:
     """What a journal says: pending records, known run ids, and per-run history."""
 
     pending: list[dict[str, Any]] = field(default_factory=list)
@@ -69,7 +71,7 @@ class _JournalView:
     starts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, records: list[dict[str, Any]]) -> _JournalView:
+    def of(cls, records: list[dict[str, Any]]) -> JournalView:
         view = cls()
         done: set[str] = set()
         for rec in records:
@@ -91,7 +93,7 @@ class _JournalView:
         return view
 
 
-class _Journal:
+class Journal:
     """Append-only JSON-lines file; each line is flushed to the OS before the call returns."""
 
     def __init__(self, path: Path):
@@ -117,7 +119,8 @@ class _Journal:
             self._fh = None
 
 
-def _load_state(path: Path) -> dict[str, Any]:
+def load_state(path: Path) -> dict[str, Any]:
+    """The JSON object in ``tracking.json`` at ``path``; ``{}`` if missing or unreadable."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -125,14 +128,47 @@ def _load_state(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _save_state(path: Path, data: dict[str, Any]) -> None:
+def save_state(path: Path, data: dict[str, Any]) -> None:
+    """Write ``tracking.json`` atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
-def _lock(run_dir: Path, exclusive: bool):
+def record_run_id(path: Path, key: str, run_id: str) -> None:
+    """Write the MLflow ``run_id`` of run ``key`` into the ``tracking.json`` at ``path``."""
+    state = load_state(path)
+    changed = False
+    if state.get("pipeline", {}).get("id") == key:
+        state["pipeline"]["run_id"] = run_id
+        changed = True
+    for entry in state.get("runs", {}).values():
+        if entry.get("run_key") == key:
+            entry["run_id"] = run_id
+            changed = True
+    if changed:
+        with contextlib.suppress(OSError):
+            save_state(path, state)
+
+
+def next_group(pending) -> list[dict[str, Any]]:
+    """The records one upload call takes from the front of ``pending``: one record, or the
+    consecutive metrics records of one run up to MLflow's 1000 metrics per ``log_batch``."""
+    first = pending[0]
+    group = [first]
+    if first["kind"] == "metrics":
+        points = len(first["metrics"])
+        for rec in list(pending)[1:]:
+            if rec["kind"] != "metrics" or rec["run"] != first["run"] or \
+                    points + len(rec["metrics"]) > MAX_METRICS_PER_BATCH:
+                break
+            group.append(rec)
+            points += len(rec["metrics"])
+    return group
+
+
+def folder_lock(run_dir: Path, exclusive: bool):
     """Advisory lock: trainers share it, ``sync-mlflow`` needs it alone. None if unsupported."""
     if fcntl is None:
         return None
@@ -147,7 +183,8 @@ def _lock(run_dir: Path, exclusive: bool):
     return fh
 
 
-def _find_journals(root: Path) -> list[Path]:
+def find_journals(root: Path) -> list[Path]:
+    """Journals of the run folder ``root`` and its stage folders, the run folder's first."""
     found = [root / JOURNAL_NAME] if (root / JOURNAL_NAME).is_file() else []
     # The pipeline folder first, then stage folders: parents are created before children.
     found += sorted(p for p in root.rglob(JOURNAL_NAME) if p.parent != root)

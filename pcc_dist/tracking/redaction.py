@@ -96,16 +96,18 @@ def redact(params: dict) -> dict:
     return {k: _redact_value(str(k), v, secrets) for k, v in params.items()}
 
 
-def _safe_uri(uri: str | None) -> str:
+def safe_uri(uri: str | None) -> str:
+    """``uri`` redacted for messages; a placeholder when MLflow's default is used."""
     return redact_text(uri) if uri else "<MLflow default>"
 
 
-def _short_error(exc: BaseException, limit: int = 240) -> str:
+def short_error(exc: BaseException, limit: int = 240) -> str:
+    """One redacted line naming ``exc``, at most ``limit`` characters."""
     text = redact_text(f"{type(exc).__name__}: {exc}".replace("\n", " "))
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _redacted_copy(path: Path, out_dir: Path) -> Path:
+def redacted_copy(path: Path, out_dir: Path) -> Path:
     """``path`` itself when no text file in it holds a secret; else a redacted mirror.
 
     A folder mirror links the clean files (model weights are not copied) and writes redacted

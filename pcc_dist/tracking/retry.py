@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -15,8 +13,8 @@ class RetryPolicy:
     Attributes:
         first_s: Wait after the first failure; doubled after each failed attempt.
         max_s: Cap of the wait (5 min: a returning server is noticed within 5 min).
-        http_timeout_s: Per-request timeout of metric/param/tag calls (MLflow reads it as int).
-        artifact_timeout_s: Per-request timeout of artifact uploads, which move whole files.
+        http_timeout_s: Per-request timeout of every MLflow call (MLflow reads it as int); for
+            an upload it bounds each socket operation, not the whole transfer.
         http_retries: MLflow HTTP retries per call (0: our backoff does the retrying).
         flush_budget_s: Time one training-loop call may spend uploading a backlog; the rest
             continues on the next calls, in order.
@@ -25,7 +23,6 @@ class RetryPolicy:
     first_s: float = 5.0
     max_s: float = 300.0
     http_timeout_s: int = 2
-    artifact_timeout_s: int = 120
     http_retries: int = 0
     flush_budget_s: float = 2.0
 
@@ -40,18 +37,25 @@ class RetryPolicy:
                                                                   cls.http_timeout_s)))))
 
 
-@contextlib.contextmanager
-def _http_limits(timeout_s: int, retries: int) -> Iterator[None]:
-    """MLflow reads these env vars at each request (mlflow/utils/rest_utils.py, 3.17)."""
-    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
-             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update(names)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    def set_mlflow_http_limits(self) -> dict[str, str | None]:
+        """Make MLflow HTTP calls use this policy's timeout and retry count until
+        :func:`restore_env` is given the returned previous values.
+
+        MLflow 3.17 reads both from the environment at each request and offers no per-client
+        setting, so a tracker sets them once when it connects and restores them when it closes
+        (not around each call).
+        """
+        values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.http_retries),
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.http_timeout_s)}
+        saved = {name: os.environ.get(name) for name in values}
+        os.environ.update(values)
+        return saved
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put back environment variables as ``saved`` holds them (None: unset)."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 from pcc_dist.tracking.constants import JOURNAL_NAME, STATE_NAME
-from pcc_dist.tracking.journal import _find_journals, _load_state, _lock
-from pcc_dist.tracking.redaction import REDACTED, _safe_uri
+from pcc_dist.tracking.journal import find_journals, folder_lock, load_state
+from pcc_dist.tracking.redaction import REDACTED, safe_uri
 from pcc_dist.tracking.retry import RetryPolicy
-from pcc_dist.tracking.session import _Session
-from pcc_dist.tracking.uploader import _import_mlflow
+from pcc_dist.tracking.tracker import MlflowTracker
+from pcc_dist.tracking.uploader import import_mlflow
 
 
 def sync_main(argv: list[str] | None = None) -> int:
@@ -38,14 +38,14 @@ def sync_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="count pending records only")
     args = parser.parse_args(argv)
     root = Path(args.run_dir).resolve()
-    journals = _find_journals(root)
+    journals = find_journals(root)
     if not journals:
         print(f"pcc-train sync-mlflow: no {JOURNAL_NAME} under {root}; pass the run folder "
               "(cfg.run.output_dir).", file=sys.stderr)
         return 2
     if not args.dry_run:
         try:
-            _import_mlflow()
+            import_mlflow()
         except ImportError as exc:
             print(f"pcc-train sync-mlflow: {exc}", file=sys.stderr)
             return 2
@@ -54,18 +54,18 @@ def sync_main(argv: list[str] | None = None) -> int:
     policy = RetryPolicy(http_timeout_s=30, http_retries=2)
     for journal in journals:
         folder = journal.parent
-        uri = args.tracking_uri or _load_state(folder / STATE_NAME).get("tracking_uri")
-        if not uri or REDACTED in uri or uri == _safe_uri(None):
+        uri = args.tracking_uri or load_state(folder / STATE_NAME).get("tracking_uri")
+        if not uri or REDACTED in uri or uri == safe_uri(None):
             uri = os.environ.get("MLFLOW_TRACKING_URI") or None
         try:
-            lock = _lock(folder, exclusive=True)
+            lock = folder_lock(folder, exclusive=True)
         except BlockingIOError:
             print(f"{journal}: a running trainer is writing this folder; it uploads its own "
                   "journal when the server answers. Skipped.", file=sys.stderr)
             status = 1
             continue
         try:
-            session = _Session(folder, uri, policy, quiet=True, lock=False)
+            session = MlflowTracker(folder, uri, policy, quiet=True, lock=False)
             pending = len(session.pending)
             if pending == 0 or args.dry_run:
                 print(f"{journal}: {pending} pending record(s)"
@@ -74,14 +74,14 @@ def sync_main(argv: list[str] | None = None) -> int:
             try:
                 ok = session.flush(force=True, budget_s=math.inf)
             finally:
-                session.close()
+                session.close_journal()
             stats = session.stats
             print(f"{journal}: uploaded {stats.records} record(s) ({stats.metric_points} metric "
-                  f"points; {stats.skipped_points} already on the server) to {_safe_uri(uri)}; "
+                  f"points; {stats.skipped_points} already on the server) to {safe_uri(uri)}; "
                   f"{len(session.pending)} left" + (f"; {stats.rejected} rejected"
                                                     if stats.rejected else ""))
             if not ok:
-                print(f"{journal}: MLflow at {_safe_uri(uri)} is unreachable: "
+                print(f"{journal}: MLflow at {safe_uri(uri)} is unreachable: "
                       f"{session.last_error}", file=sys.stderr)
                 status = 1
         finally:

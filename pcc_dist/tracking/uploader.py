@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pcc_dist.tracking.constants import MAX_KEY, MAX_TAG_VALUE, MLFLOW_PIN
-from pcc_dist.tracking.redaction import _short_error
-from pcc_dist.tracking.retry import RetryPolicy, _http_limits
+from pcc_dist.tracking.redaction import short_error
+from pcc_dist.tracking.retry import RetryPolicy, restore_env
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,8 @@ _REJECTED_CODES = frozenset({
 })
 
 
-def _import_mlflow():
+def import_mlflow():
+    """The ``mlflow`` module; an ImportError naming the pinned version when it is missing."""
     try:
         import mlflow
     except ImportError as exc:
@@ -33,12 +34,14 @@ def _import_mlflow():
     return mlflow
 
 
-class _Rejected(Exception):
+class Rejected(Exception):
     """MLflow refused the record itself (invalid value, deleted run); retrying cannot help."""
 
 
 @dataclass
-class _RunState:
+class RunState:
+    """What the server holds for one run: its params and the last step of each metric."""
+
     params: dict[str, str]
     last_steps: dict[str, int]
 
@@ -53,12 +56,12 @@ class SyncStats:
     rejected: int = 0
 
 
-class _Uploader:
+class Uploader:
     """Applies journal records to MLflow through ``MlflowClient``."""
 
     def __init__(self, uri: str | None, policy: RetryPolicy, stats: SyncStats,
                  run_ids: dict[str, str], on_created):
-        _import_mlflow()
+        import_mlflow()
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag, ViewType
 
@@ -67,40 +70,39 @@ class _Uploader:
         self.stats = stats
         self.run_ids = run_ids
         self.on_created = on_created
-        with self.limits():
+        self._saved_env = policy.set_mlflow_http_limits()
+        try:
             self.client = MlflowClient(tracking_uri=uri)
+        except Exception:
+            self.close()
+            raise
         self._experiments: dict[str, str] = {}
-        self._states: dict[str, _RunState] = {}
+        self._states: dict[str, RunState] = {}
         self._warned_changed: set[str] = set()
 
-    def limits(self, artifact: bool = False):
-        timeout = self.policy.artifact_timeout_s if artifact else self.policy.http_timeout_s
-        return _http_limits(timeout, self.policy.http_retries)
+    def close(self) -> None:
+        """Give MLflow's HTTP settings back the values they had before this uploader."""
+        restore_env(self._saved_env)
 
     def forget(self) -> None:
         """Drop cached server state: after a failure a batch may have landed in part."""
         self._states.clear()
 
-    def run_state(self, run_id: str) -> _RunState:
+    def run_state(self, run_id: str) -> RunState:
         state = self._states.get(run_id)
         if state is None:
             run = self.client.get_run(run_id)
-            # RunData.metrics keeps only values; the Metric objects of the latest point per key
-            # carry the step (MLflow keeps the point with the highest step as "latest").
-            latest = getattr(run.data, "_metric_objs", None)
-            if latest is None:
-                last = {k: max(m.step for m in self.client.get_metric_history(run_id, k))
-                        for k in run.data.metrics}
-            else:
-                last = {m.key: int(m.step) for m in latest}
-            state = _RunState(params=dict(run.data.params), last_steps=last)
+            # RunData.metrics keeps only values; the proto of the run data carries the latest
+            # point per key with its step (MLflow keeps the point with the highest step).
+            last = {m.key: int(m.step) for m in run.data.to_proto().metrics}
+            state = RunState(params=dict(run.data.params), last_steps=last)
             self._states[run_id] = state
         return state
 
     def run_id_of(self, key: str) -> str:
         run_id = self.run_ids.get(key)
         if run_id is None:
-            raise _Rejected(f"no MLflow run for run key {key} (its start record is missing)")
+            raise Rejected(f"no MLflow run for run key {key} (its start record is missing)")
         return run_id
 
     def experiment_id(self, name: str) -> str:
@@ -127,30 +129,29 @@ class _Uploader:
     def apply(self, group: list[dict[str, Any]], replay: bool) -> None:
         kind = group[0]["kind"]
         try:
-            with self.limits():
-                if kind == "start":
-                    self._start(group[0], replay)
-                elif kind == "metrics":
-                    self._metrics(group)
-                elif kind == "params":
-                    self._params(group[0])
-                elif kind == "tags":
-                    self.client.log_batch(self.run_id_of(group[0]["run"]), tags=[
-                        self._RunTag(k, v) for k, v in group[0]["tags"].items()])
-                elif kind == "artifact":
-                    self._artifact(group[0])
-                elif kind == "end":
-                    self.client.set_terminated(self.run_id_of(group[0]["run"]),
-                                               status=group[0]["status"],
-                                               end_time=group[0]["t"])
-                else:
-                    raise _Rejected(f"unknown journal record kind {kind!r}")
-        except _Rejected:
+            if kind == "start":
+                self._start(group[0], replay)
+            elif kind == "metrics":
+                self._metrics(group)
+            elif kind == "params":
+                self._params(group[0])
+            elif kind == "tags":
+                self.client.log_batch(self.run_id_of(group[0]["run"]), tags=[
+                    self._RunTag(k, v) for k, v in group[0]["tags"].items()])
+            elif kind == "artifact":
+                self._artifact(group[0])
+            elif kind == "end":
+                self.client.set_terminated(self.run_id_of(group[0]["run"]),
+                                           status=group[0]["status"],
+                                           end_time=group[0]["t"])
+            else:
+                raise Rejected(f"unknown journal record kind {kind!r}")
+        except Rejected:
             raise
         except Exception as exc:
             self.forget()
             if getattr(exc, "error_code", None) in _REJECTED_CODES:
-                raise _Rejected(_short_error(exc)) from exc
+                raise Rejected(short_error(exc)) from exc
             raise
         self.stats.records += len(group)
 
@@ -191,7 +192,7 @@ class _Uploader:
             tags["mlflow.parentRunId"] = parent
         run = self.client.create_run(exp_id, start_time=rec["t"], tags=tags,
                                      run_name=rec.get("name"))
-        self._states[run.info.run_id] = _RunState(params={}, last_steps={})
+        self._states[run.info.run_id] = RunState(params={}, last_steps={})
         self._created(key, run.info.run_id, rec)
 
     def _find_by_key(self, exp_id: str, key: str) -> str | None:
@@ -248,9 +249,8 @@ class _Uploader:
         if not path.is_absolute():
             path = Path(rec["_base"]) / path
         if not path.exists():
-            raise _Rejected(f"artifact {path} no longer exists")
-        with self.limits(artifact=True):
-            if path.is_dir():
-                self.client.log_artifacts(run_id, str(path), rec.get("artifact_path"))
-            else:
-                self.client.log_artifact(run_id, str(path), rec.get("artifact_path"))
+            raise Rejected(f"artifact {path} no longer exists")
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), rec.get("artifact_path"))
+        else:
+            self.client.log_artifact(run_id, str(path), rec.get("artifact_path"))

@@ -32,16 +32,11 @@ import contextlib
 import json
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tiny_models import WORDS, tiny_model, word_tokenizer  # noqa: E402
-from _zero_spawn import REPO_ROOT, run_ranks  # noqa: E402
+from helpers.tiny_models import WORDS, tiny_model, word_tokenizer
+from helpers.zero_spawn import REPO_ROOT, run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(360)]
 
@@ -132,12 +127,15 @@ def make_loss_fn(loss: str, scores):
     return lambda e: module(e[0], e[1], scores)
 
 
-def embed_in_chunks(embed, view: dict) -> torch.Tensor:
-    """The view embedded as GradCache does: ceil(B / C) length-sorted chunks, input order back."""
-    from pcc_dist.length_chunks import plan_chunks
+def embed_in_chunks(embed, views: list[dict]) -> list[torch.Tensor]:
+    """The views embedded as GradCache does: their rows pooled, ceil(N / C) length-sorted
+    chunks, input order back, split per view (so each rank's dropout masks are replayed)."""
+    from pcc_dist.length_chunks import plan_chunks, pool_views
 
-    plan = plan_chunks(view, math.ceil(B / C))
-    return plan.restore(torch.cat([embed(**plan.take(view, k)) for k in range(len(plan.rows))]))
+    pooled = pool_views(views)
+    plan = plan_chunks(pooled.view, math.ceil(len(views) * B / C))
+    stacked = torch.cat([embed(**plan.take(pooled.view, k)) for k in range(len(plan.rows))])
+    return pooled.split(plan.restore(stacked))
 
 
 EXACT = ("sorted_cache", "sorted_plain", "unsorted_plain", "skip", "wrong_cache", "wrong_plain")
@@ -162,8 +160,8 @@ def build_encoder():
 def _exact_cache(engine, scenario: str):
     from pcc_dist.gradcache import GradCache
 
-    if scenario == "skip":
-        return GradCache(engine, B)
+    if scenario == "skip":  # C = B: the cache is skipped for the plain path's pooled groups
+        return GradCache(engine, B, plain_rows=EXACT_C)
     chunk = EXACT_C if scenario.endswith("cache") else 0
     return GradCache(engine, chunk, length_sorted=not scenario.startswith("unsorted"),
                      plain_rows=EXACT_C)
@@ -334,7 +332,7 @@ def oracle() -> dict[str, tuple[float, dict[str, torch.Tensor]]]:
             views, scores = rank_views(embedder, loss, rank)
             all_scores.append(scores)
             torch.manual_seed(RNG_SEED + rank)
-            embedded = [embed_in_chunks(embedder, v) for v in views]
+            embedded = embed_in_chunks(embedder, views)
             per_view = per_view or [[] for _ in views]
             for v, e in enumerate(embedded):
                 per_view[v].append(e)
@@ -449,16 +447,18 @@ def test_negative_control_a_skipped_inverse_permutation_is_caught(ranks, model, 
 @pytest.mark.parametrize("model", ["decoder", "encoder"])
 @pytest.mark.parametrize("loss", LOSSES)
 def test_one_chunk_per_view_skips_the_cache(ranks, model, loss):
-    """C >= B on every rank: one forward per view (no replay), the plain path's gradients."""
+    """C >= B on every rank: no replay, the plain path's forwards and gradients. The views'
+    rows are pooled before chunking: ceil(views * B / C) forwards, not views * ceil(B / C)."""
     views = 3 if loss == "infonce" else 2
     for r in ranks:
         forwards = r["exact"]["forwards"]
-        assert forwards[(model, loss, "skip")] == views
-        assert forwards[(model, loss, "sorted_cache")] == 2 * views * math.ceil(B / EXACT_C)
-        assert forwards[(model, loss, "sorted_plain")] == views * math.ceil(B / EXACT_C)
+        assert forwards[(model, loss, "skip")] == math.ceil(views * B / EXACT_C)
+        assert forwards[(model, loss, "sorted_cache")] == 2 * math.ceil(views * B / EXACT_C)
+        assert forwards[(model, loss, "sorted_plain")] == math.ceil(views * B / EXACT_C)
+        assert forwards[(model, loss, "unsorted_plain")] == views
         assert r["exact"]["loss"][(model, loss, "skip")] == \
-            r["exact"]["loss"][(model, loss, "unsorted_plain")]
+            r["exact"]["loss"][(model, loss, "sorted_plain")]
     exact = ranks[0]["exact"]
     skip, plain = exact["grads"][(model, loss, "skip")], exact["grads"][(model, loss,
-                                                                          "unsorted_plain")]
+                                                                          "sorted_plain")]
     assert all(torch.equal(skip[n], plain[n]) for n in plain)

@@ -6,7 +6,7 @@ a shared linear "encoder" θ, so the tests see both embedding gradients and the 
 that DDP/DeepSpeed would average. Batches are uneven across ranks (5 + 6 Pearson pairs, 3 + 4
 InfoNCE triplets) to exercise the variable-size gather and the label offsets.
 
-Gradient convention under test (pcc_dist.losses.reference): each rank's embedding gradient is
+Gradient convention under test (pcc_dist.cross_rank): each rank's embedding gradient is
 W·∂L/∂(its embeddings), so after the (1/W) average of the parameter gradients the result equals the
 union-batch gradient. Negative controls: grad_scale=1 (the official code's 1/W), per-rank losses,
 perturbed inputs, and a collective counter that must see the InfoNCE gathers.
@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from _spawn import run_ranks
+from helpers.spawn import run_ranks
 
 from pcc_dist.distributed import all_gather_with_grad, all_reduce_sum, get_rank, get_world_size
 from pcc_dist.losses import InfoNCELoss, PearsonLoss

@@ -30,16 +30,11 @@ from __future__ import annotations
 
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tiny_models import WORDS, save_tiny_model  # noqa: E402
-from _zero_spawn import REPO_ROOT, run_ranks  # noqa: E402
+from helpers.tiny_models import WORDS, save_tiny_model
+from helpers.zero_spawn import REPO_ROOT, run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 

@@ -10,21 +10,15 @@ the portable copy with every fp32 weight and Adam moment bitwise as saved. The 1
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _zero_spawn import run_ranks  # noqa: E402
+from helpers.zero_spawn import run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
 
 def _engine(keep_zero: bool, seed: int):
-    from _tiny_models import tiny_model, word_tokenizer
+    from helpers.tiny_models import tiny_model, word_tokenizer
 
     from pcc_dist.config import load_config
     from pcc_dist.engine import build_engine
@@ -55,7 +49,6 @@ def _full_state(engine, moments: bool = True) -> dict[str, dict[str, torch.Tenso
 
 def worker(rank: int, world_size: int, args: dict) -> dict:
     torch.set_num_threads(1)
-    sys.path.insert(0, str(Path(args["tests"])))
     engine, embedder = _engine(keep_zero=False, seed=0)
     stage_default = engine.zero_stage
     for _ in range(2):
@@ -74,8 +67,7 @@ def worker(rank: int, world_size: int, args: dict) -> dict:
 
 def test_one_rank_zero1_checkpoint_loads_into_zero3_exactly(tmp_path):
     (out,) = run_ranks(f"{__file__}:worker", world_size=1,
-                       args={"folder": str(tmp_path / "ckpt"),
-                             "tests": str(Path(__file__).resolve().parents[1])})
+                       args={"folder": str(tmp_path / "ckpt")})
     assert (out["stage_default"], out["stage_kept"]) == (1, 3)
     assert (tmp_path / "ckpt" / "portable_state.pt").is_file()
     for kind in ("params", "exp_avg_sq"):

@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import gc
 import json
-import sys
 import time
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tiny_models import save_tiny_model  # noqa: E402
-from _zero_spawn import REPO_ROOT, run_ranks  # noqa: E402
+from helpers.tiny_models import save_tiny_model
+from helpers.zero_spawn import REPO_ROOT, run_ranks
 
 # The only default-suite cover of the stage handover and of checkpointing with LoRA on ZeRO-3:
 # one 2-rank job (215-236 s measured under a load average of 6, hence the generous timeout).

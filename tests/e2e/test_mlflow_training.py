@@ -117,8 +117,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _tiny_models import save_tiny_model
+    from helpers.tiny_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("model") / "llama", "llama")
 

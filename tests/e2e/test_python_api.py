@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.runs import TIMEOUT, env
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "reliability"))
-from _runs import TIMEOUT, env  # noqa: E402
 
 API = ["load_config", "run_training", "load_embedder", "evaluate_sts", "PearsonLoss",
        "InfoNCELoss"]

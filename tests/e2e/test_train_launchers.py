@@ -12,24 +12,21 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import runs
+from helpers.runs import BIN, CONFIG, TIMEOUT, env, free_port, run
 
 ROOT = Path(__file__).resolve().parents[2]
-# Launch helpers shared with the fault tests (tests/reliability/_runs.py).
-sys.path.insert(0, str(ROOT / "tests" / "reliability"))
-import _runs  # noqa: E402
-from _runs import BIN, CONFIG, TIMEOUT, env, free_port, run  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    return _runs.tiny_llama(tmp_path_factory)
+    return runs.tiny_llama(tmp_path_factory)
 
 
 def overrides(model: Path, out: Path, *extra: str) -> list[str]:
@@ -40,7 +37,7 @@ def overrides(model: Path, out: Path, *extra: str) -> list[str]:
 def losses(stage_dir: Path) -> dict[int, float]:
     """Step -> loss from metrics.jsonl; a step logged twice (before a kill) keeps its last line."""
     assert (stage_dir / "metrics.jsonl").is_file(), f"no metrics in {stage_dir}"
-    return _runs.losses(stage_dir)
+    return runs.losses(stage_dir)
 
 
 def assert_two_stages_trained(out: Path, steps: int = 3) -> None:

@@ -3,13 +3,10 @@ that the only GPU run of a session depends on must not fail on its own logic the
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import load_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import gpu_check  # noqa: E402
+gpu_check = load_benchmark("gpu_check")
 
 
 def test_kernel_section_passes_at_tiny_shapes():
@@ -39,7 +36,7 @@ def test_training_commands_are_a_valid_run_and_a_cuda_evaluation(tmp_path, mode)
     arguments parse with the device forced to CUDA."""
     from pcc_dist.config import load_config
     from pcc_dist.ds_config import find_ds_config
-    from pcc_dist.evaluation import _parser
+    from pcc_dist.eval_cli import _parser
 
     commands = gpu_check.training_commands(tmp_path, tmp_path / "llama", mode, 2)
     train = commands["train"]

@@ -7,12 +7,11 @@ block sizes are forced small so that odd shapes cross block boundaries.
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.near_cosines import gradient_error, near_cosine_pairs, relative_spread
 
 from pcc_dist.kernels.pearson import (
     FP32_COSINE_MIN_REL_SPREAD,
@@ -21,9 +20,6 @@ from pcc_dist.kernels.pearson import (
     pearson_triton,
 )
 from pcc_dist.losses import PearsonLoss, pearson_reference
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _near_cosines import gradient_error, near_cosine_pairs, relative_spread  # noqa: E402
 
 RTOL = 1e-5
 

@@ -10,7 +10,7 @@ the same two reference runs.
 from __future__ import annotations
 
 import pytest
-from _runs import STEPS, assert_same_losses, losses, reference
+from helpers.runs import STEPS, assert_same_losses, losses, reference
 
 pytestmark = pytest.mark.distributed
 

@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 import pytest
-from _runs import (
+from helpers.runs import (
     ROOT,
     STEPS,
     assert_same_losses,

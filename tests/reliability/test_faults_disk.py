@@ -10,7 +10,7 @@ import shutil
 import subprocess
 
 import pytest
-from _runs import BASE, BIN, CONFIG, ROOT, env, run, step_lines, tiny_llama, train_cmd
+from helpers.runs import BASE, BIN, CONFIG, ROOT, env, run, step_lines, tiny_llama, train_cmd
 
 from pcc_dist.checkpoint_manager import CheckpointManager
 

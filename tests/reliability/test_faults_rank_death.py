@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from _runs import (
+from helpers.runs import (
     EVERY,
     ROOT,
     STEPS,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _runs import BIN, CONFIG, ROOT, env, tiny_llama
+from helpers.runs import BIN, CONFIG, ROOT, env, tiny_llama
 
 from pcc_dist.data import STS7_TASKS
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _runs import (
+from helpers.runs import (
     STEPS,
     TOL_ACROSS_W,
     assert_same_losses,

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.runs import BIN, CONFIG, ROOT, env
+from helpers.tiny_models import model_config, save_tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,11 +40,6 @@ from pcc_dist.modeling import (
     load_embedder,
     save_embedder,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import BIN, CONFIG, ROOT, env  # noqa: E402
-from _tiny_models import model_config, save_tiny_model  # noqa: E402
 
 PROFILE = settings.get_profile("pcc-reliability")
 # Every example copies and tries to load a tiny model (0.05-0.5 s on 2 shared cores).

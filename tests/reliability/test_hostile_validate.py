@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
-from _runs import BIN, CONFIG, ROOT, env, tiny_llama
+from helpers.runs import BIN, CONFIG, ROOT, env, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,8 +39,7 @@ MUTATIONS = settings(settings.get_profile("pcc-reliability"), max_examples=200)
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A tiny Llama (decoder, shared with the fault tests) and a tiny BERT (encoder) folder."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _tiny_models import save_tiny_model
+    from helpers.tiny_models import save_tiny_model
 
     bert = save_tiny_model(tmp_path_factory.mktemp("models") / "bert", "bert")
     return {"llama": tiny_llama(tmp_path_factory), "bert": bert}

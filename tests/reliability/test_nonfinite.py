@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from _runs import run, step_lines, tiny_llama, train_cmd
+from helpers.runs import run, step_lines, tiny_llama, train_cmd
 
 pytestmark = pytest.mark.distributed
 

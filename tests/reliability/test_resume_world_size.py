@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from _runs import (
+from helpers.runs import (
     _CACHE,
     ROOT,
     STEPS,

@@ -27,21 +27,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_models import save_tiny_model
 
-REPO = Path(__file__).resolve().parents[2]
-PRODUCT_DIRS = ("pcc_dist", "kernels", "launchers")
-sys.path.insert(0, str(REPO / "tests"))
-from _tiny_models import save_tiny_model  # noqa: E402
-
-from pcc_dist.checkpoint import (  # noqa: E402
+from pcc_dist.checkpoint import (
     COMPLETE_MARKER,
     STATE_FILE,
     CheckpointError,
     TrainerState,
 )
-from pcc_dist.checkpoint_manager import CheckpointManager  # noqa: E402
-from pcc_dist.config import PccConfig, load_config  # noqa: E402
-from pcc_dist.distributed import free_port  # noqa: E402
+from pcc_dist.checkpoint_manager import CheckpointManager
+from pcc_dist.config import PccConfig, load_config
+from pcc_dist.distributed import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+PRODUCT_DIRS = ("pcc_dist", "kernels", "launchers")
 
 
 def product_sources() -> list[Path]:

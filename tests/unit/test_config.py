@@ -1,10 +1,13 @@
 """Config tree: precedence, typing, and the message of every configuration error."""
 
+from dataclasses import dataclass
+
 import pytest
 import yaml
 
 from pcc_dist.cli import train_main
 from pcc_dist.config import ConfigError, PccConfig, load_config
+from pcc_dist.config_docs import config_leaves, show_value
 
 
 def problems_of(overrides, path=None):
@@ -247,3 +250,45 @@ def test_triton_kernel_without_cuda_is_a_config_error(monkeypatch):
     assert "Use kernel='auto' or kernel='torch'" in problem
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter (tests) stays allowed
     assert load_config(None, ["loss.kernel=triton"]).loss.kernel == "triton"
+
+
+def _help_text(capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        train_main(["--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _undocumented(leaves) -> list[str]:
+    return [leaf.key for leaf in leaves if not leaf.doc.strip()]
+
+
+def test_help_documents_every_config_leaf_with_its_default(capsys):
+    """`pcc-train --help` lists each leaf with type, default and doc; the default as shown is an
+    override that gives the default back."""
+    text = _help_text(capsys)
+    leaves = config_leaves(PccConfig())
+    assert len(leaves) >= 60 and _undocumented(leaves) == []
+    lines = text.splitlines()
+    for leaf in leaves:
+        head = f"  {leaf.key} ({leaf.type}; default {show_value(leaf.default)})"
+        assert head in lines, head
+        doc_line = lines[lines.index(head) + 1].strip()
+        assert doc_line and leaf.doc.startswith(doc_line.split()[0]), (leaf.key, doc_line)
+        section, _, name = leaf.key.rpartition(".")
+        node = load_config(None, [f"{leaf.key}={show_value(leaf.default)}"])
+        for part in section.split("."):
+            node = getattr(node, part)
+        assert getattr(node, name) == leaf.default, leaf.key
+
+
+def test_doc_check_catches_a_field_without_a_doc():
+    """Negative control of the doc check above: a field with no string under it is reported."""
+
+    @dataclass
+    class Half:
+        documented: int = 1
+        """Has a doc."""
+        bare: int = 2
+
+    assert _undocumented(config_leaves(Half())) == ["bare"]

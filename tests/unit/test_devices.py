@@ -8,7 +8,7 @@ import torch
 
 from pcc_dist import devices
 from pcc_dist.devices import DeviceError, choose_device, place_for_inference
-from pcc_dist.evaluation import eval_main
+from pcc_dist.eval_cli import eval_main
 
 
 def _gpus(monkeypatch, count: int) -> None:
@@ -59,6 +59,6 @@ def test_pcc_eval_refuses_cuda_without_a_gpu_before_loading(monkeypatch, capsys)
 
 @pytest.fixture
 def tiny_llama_module():
-    from tests._tiny_models import tiny_model, word_tokenizer
+    from helpers.tiny_models import tiny_model, word_tokenizer
 
     return tiny_model("llama", word_tokenizer("decoder"))

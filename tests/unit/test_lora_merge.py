@@ -3,14 +3,11 @@ like the unmerged peft model up to float rounding; for training it keeps the pef
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny_models import model_config, save_tiny_model  # noqa: E402
+from helpers.tiny_models import model_config, save_tiny_model
 
 from pcc_dist.modeling import load_embedder, load_embedder_from_run, save_embedder  # noqa: E402
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections import namedtuple
 
 import pytest
+from helpers.tiny_models import model_config, save_tiny_model
 
 from pcc_dist.config import load_config
 from pcc_dist.memory_plan import checkpoint_bytes, checkpoint_space_needed, count_params
 from pcc_dist.preflight import PreflightReport, check_output
-from tests._tiny_models import model_config, save_tiny_model
 
 
 @pytest.fixture(scope="module")

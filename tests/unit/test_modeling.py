@@ -6,13 +6,10 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny_models import (  # noqa: E402
+from helpers.tiny_models import (
     model_config,
     one_thread,  # noqa: F401  (module fixture, applied through pytestmark)
     save_tiny_model,
@@ -354,7 +351,7 @@ def test_load_causal_lm_folder_drops_lm_head(tmp_path):
 
 
 def test_lora_targets_are_linear_layers_minus_lm_head():
-    from _tiny_models import tiny_config
+    from helpers.tiny_models import tiny_config
     from transformers import AutoModelForCausalLM
 
     tok = word_tokenizer("decoder")

@@ -27,7 +27,7 @@ def test_offline_alias_validates_without_a_download(tmp_path):
 def _fake_hub_cache(root, repo_id: str):
     """A Hugging Face hub cache holding ``repo_id`` (a tiny Llama) in huggingface_hub's layout:
     ``models--owner--name/refs/main`` names a commit, ``snapshots/<commit>/`` holds the files."""
-    from tests._tiny_models import save_tiny_model
+    from helpers.tiny_models import save_tiny_model
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = root / "hub" / f"models--{repo_id.replace('/', '--')}"
@@ -71,7 +71,7 @@ def test_hub_id_in_the_hf_cache_resolves_offline_to_its_snapshot(tmp_path, monke
 
 
 def test_a_local_folder_named_like_a_hub_id_wins(tmp_path, monkeypatch):
-    from tests._tiny_models import save_tiny_model
+    from helpers.tiny_models import save_tiny_model
 
     save_tiny_model(tmp_path / "someone" / "tiny-llama", "llama")
     monkeypatch.chdir(tmp_path)

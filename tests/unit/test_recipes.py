@@ -1,6 +1,5 @@
 """Every recipe in launchers/configs/ passes `pcc-train --validate`; its DeepSpeed JSON fits."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "launchers" / "configs")
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from _tiny_models import save_tiny_model
+    from helpers.tiny_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("model") / "llama", "llama")
 

@@ -4,14 +4,9 @@ mocked."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-from _zero_spawn import engine_accelerator_env  # noqa: E402
+from helpers.zero_spawn import engine_accelerator_env
 
 
 @pytest.mark.parametrize(("cuda", "gpus", "world", "expected"), [

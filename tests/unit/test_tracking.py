@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -183,6 +184,18 @@ def test_trackers_satisfy_the_protocol(store, tmp_path):
         assert isinstance(tracker, MlflowTracker) and isinstance(tracker, Tracker)
 
 
+def test_mlflow_http_limits_hold_only_while_a_tracker_is_open(store, tmp_path, monkeypatch):
+    # MLflow reads its HTTP timeout from the environment: the tracker's 2 s must not outlive it.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "77")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with make_tracker(cfg_for(tmp_path, store, "limits"), tmp_path / "run", rank=0) as tracker:
+        tracker.log_metrics({"train/loss": 1.0}, step=1)
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "2"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "77"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
 # --------------------------------------------------------------------------------------------
 # Against a file-based sqlite store
 # --------------------------------------------------------------------------------------------
@@ -348,7 +361,7 @@ def test_outage_warns_once_journals_backs_off_and_flushes_in_order(store, tmp_pa
 
     cfg = cfg_for(tmp_path, store, "outage")
     tracker = make_tracker(cfg, tmp_path / "run" / "stage1", rank=0, stage="stage1")
-    session = tracker._session
+    session = tracker
     now = [1000.0]
     session.clock = lambda: now[0]
     down = [True]
@@ -408,7 +421,7 @@ def test_rejected_record_is_dropped_without_blocking(store, tmp_path, caplog, mo
     tracker.log_metrics({"train/poison": 1.0}, step=1)
     tracker.log_metrics({"train/loss": 1.0}, step=1)
     tracker.close()
-    assert tracker._session.online and not tracker._session.pending
+    assert tracker.online and not tracker.pending
     assert steps(client_for(store), tracker.run_id, "train/loss") == [1]
     assert any("rejected" in m for m in tracking_warnings(caplog))
     assert sync_main([str(tmp_path / "run"), "--tracking-uri", store]) == 0  # nothing to retry
@@ -514,8 +527,7 @@ def test_hung_server_costs_about_the_http_timeout(tmp_path, caplog):
         for step in range(1, 51):
             tracker.log_metrics({"train/loss": 1.0}, step=step)
         looped = time.monotonic() - started
-        tracker._session.handles.clear()  # skip the final attempt (another 2 s)
-        tracker._session.close()
+        tracker.close_journal()  # skip the final attempt (another 2 s)
     assert opened < 8, opened  # one 2 s timeout + MLflow import/setup under CI load
     assert looped < 1.0, looped  # inside the backoff window calls only append to the journal
     assert len(tracking_warnings(caplog)) == 1

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from comm_bytes import CommCounter  # noqa: E402
+from helpers import load_benchmark
 
 from pcc_dist.distributed import free_port
+
+CommCounter = load_benchmark("comm_bytes").CommCounter
 
 
 def _fake_dist():

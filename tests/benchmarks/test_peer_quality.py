@@ -1,29 +1,19 @@
 """Helpers of ``benchmarks/peer_quality.py``: the ST dataset conversion, the trainer-identical
 stage-2 pairs, lr selection by STS-B dev and the acceptance verdict."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import load_benchmark
 
 from pcc_dist.data import ScoredPair, rescale_scores
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_benchmark():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # for its `_common` import
-    spec = importlib.util.spec_from_file_location("peer_quality",
-                                                  ROOT / "benchmarks" / "peer_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pq = _load_benchmark()
+pq = load_benchmark("peer_quality")
 
 
 def _raw_pairs():

@@ -4,14 +4,10 @@ summary and the ours / theirs ratios (the training runs themselves are the lead'
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import load_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import train_throughput as tt  # noqa: E402
+tt = load_benchmark("train_throughput")
 
 
 def test_sides_pair_each_stage_with_its_own_losses():

@@ -5,23 +5,19 @@ The ``pcc-train`` jobs are replaced by a fake that writes the ``results.json`` a
 leaves behind, so the test checks the study's bookkeeping, not training.
 """
 
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def study(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # for its `_common` import
-    spec = importlib.util.spec_from_file_location("smollm2_study",
-                                                  ROOT / "benchmarks" / "smollm2_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.reload(load_benchmark("smollm2_study"))  # fresh module state per test
     import _common
 
     results = tmp_path / "results"

@@ -2,7 +2,7 @@
 
 Reusable by every distributed test::
 
-    from _spawn import run_ranks      # tests/distributed/conftest.py puts this folder on sys.path
+    from helpers.spawn import run_ranks      # tests/ is on sys.path (see helpers/__init__.py)
 
     def worker(rank, world_size, scale):          # module level; runs inside every rank
         t = torch.full((1,), float(rank))
@@ -11,7 +11,7 @@ Reusable by every distributed test::
 
     results = run_ranks(worker, 2.0, world_size=2, timeout=120)   # one result per rank
 
-How it works: each rank is ``python _spawn.py ...`` (a fresh interpreter, so environment variables
+How it works: each rank is ``python spawn.py ...`` (a fresh interpreter, so environment variables
 such as ``TRITON_INTERPRET`` are in place before any import). The rank joins a gloo process group on
 127.0.0.1 at a free port, imports the worker's *file* by path (independent of pytest's import mode),
 calls ``worker(rank, world_size, *args)``, saves the return value with ``torch.save`` and tears the
@@ -215,4 +215,6 @@ def _rank_main() -> None:
 
 
 if __name__ == "__main__":
+    # The worker's file imports helpers.* like every test module: tests/ goes on the path.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     _rank_main()

