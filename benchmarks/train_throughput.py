@@ -107,7 +107,7 @@ class Timers:
 
 # Our variants: name -> changes to ds_configs/zero3.json (the product default); keys starting
 # with "_" are not JSON: "_overrides" are config overrides, "_no_single_rank_fix" undoes the
-# single-rank parameter residency of pcc_dist.engine._single_rank_zero3.
+# single-rank parameter residency of pcc_dist.single_rank.single_rank_zero3.
 _KEEP_ZERO = "train.single_rank_keep_zero=true"
 VARIANTS: dict[str, dict[str, Any]] = {
     # The product: the ZeRO-3 JSON; one rank trains it at ZeRO-1 (pcc_dist.single_rank).
@@ -159,7 +159,8 @@ def run_ours(variant: str, steps: int, warmup: int, workdir: Path, data_root: Pa
     import torch.distributed as dist
 
     from pcc_dist.config import load_config
-    from pcc_dist.engine import TrainEngine, init_distributed
+    from pcc_dist.distributed import init_distributed
+    from pcc_dist.engine import TrainEngine
     from pcc_dist.losses import InfoNCELoss, PearsonLoss
     from pcc_dist.trainer import StageRunner
 
@@ -201,7 +202,7 @@ def run_ours(variant: str, steps: int, warmup: int, workdir: Path, data_root: Pa
     if VARIANTS[variant].get("_no_single_rank_fix"):
         import pcc_dist.engine as engine_module
 
-        engine_module._single_rank_zero3 = lambda ds_config, world_size: ds_config
+        engine_module.single_rank_zero3 = lambda ds_config, world_size: ds_config
     with timers.patch(StageRunner, "views", "tokenise_collate"), \
             timers.patch(TrainEngine, "__call__", "forward_engine_incl_zero_hooks"), \
             timers.patch(InfoNCELoss if stage == "stage1" else PearsonLoss, "forward", "loss"), \

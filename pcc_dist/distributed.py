@@ -1,6 +1,11 @@
-"""Rank helpers and autograd-aware collectives that also work without a process group.
+"""The process group: starting it, rank helpers, and autograd-aware collectives.
 
-Every function here degrades to the single-process answer when ``torch.distributed`` is
+:func:`init_distributed` starts (or joins) the process group: ``gloo`` on CPU, ``nccl`` on CUDA,
+under ``torchrun``, the ``deepspeed`` launcher or no launcher at all (a 1-rank group on a free
+port). It imports DeepSpeed lazily (:func:`import_deepspeed`), so that this module and everything
+built on it work with torch alone.
+
+Every other function here degrades to the single-process answer when ``torch.distributed`` is
 unavailable or no process group is initialised (rank 0, world size 1, identity gather, no-op
 reduce), so losses and tests call them unconditionally.
 
@@ -17,14 +22,21 @@ on the torch version.
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "AllGatherWithGrad",
+    "DistInfo",
     "all_gather_sizes",
     "all_gather_with_grad",
     "all_reduce_mean",
@@ -33,6 +45,8 @@ __all__ = [
     "free_port",
     "get_rank",
     "get_world_size",
+    "import_deepspeed",
+    "init_distributed",
     "is_distributed",
 ]
 
@@ -42,6 +56,101 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def import_deepspeed() -> Any:
+    """``import deepspeed``, or an ImportError that says how to install it."""
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ImportError(
+            "the training engine needs DeepSpeed: pip install 'deepspeed>=0.19.3,<0.20' "
+            "(a core dependency of pcc-dist; reinstall with `pip install -e .`)") from exc
+    return deepspeed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job.
+
+    Attributes:
+        rank: Global rank in ``[0, world_size)``.
+        world_size: Number of ranks W.
+        local_rank: Rank on this node (selects the CUDA device).
+        backend: ``"gloo"`` (CPU) or ``"nccl"`` (CUDA).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the rank that logs and writes shared files."""
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Start the process group, or return the one already running.
+
+    Works under ``torchrun`` and the ``deepspeed`` launcher (both export ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and without a launcher: a plain
+    ``python train.py`` gets a 1-rank group on 127.0.0.1 and a free port, because DeepSpeed needs
+    an initialised group even for W = 1. Idempotent.
+
+    Returns:
+        Rank, world size, local rank and backend of this process.
+    """
+    deepspeed = import_deepspeed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            # No launcher: a 1-rank group. setdefault keeps a MASTER_ADDR/PORT the user exported.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        _init_group_on_a_fresh_store_after_restart(backend)
+        # auto_mpi_discovery=False: the env vars above are complete, and MPI discovery would
+        # need mpi4py. (With the group already up, DeepSpeed only wraps it.)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   verbose=False)
+    else:
+        backend = dist.get_backend()
+        # Registers DeepSpeed's communication backend on top of the existing group.
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   verbose=False)
+    info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=backend)
+    logger.debug("process group: %s", info)
+    return info
+
+
+def _init_group_on_a_fresh_store_after_restart(backend: str) -> None:
+    """Start the process group under a key prefix of its own when torchrun restarted the workers.
+
+    ``torchrun --max-restarts N`` with its default static rendezvous keeps ONE TCPStore in the
+    agent for the whole job, and the workers' ``env://`` init adds no per-attempt prefix (torch
+    2.13 assumes a new store per attempt). The restarted group then reads the addresses that the
+    dead attempt's ranks published and gloo fails with "connectFullMesh failed ... Connection
+    refused", so a restart could never resume. Prefixing the store with
+    ``TORCHELASTIC_RESTART_COUNT`` gives every attempt clean keys. A no-op outside a torchrun
+    agent store, and on the first attempt, whose keys are clean anyway.
+    """
+    from torch.distributed.constants import default_pg_timeout as timeout
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True) or attempt == "0":
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"pcc_attempt_{attempt}", store),
+                            rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    logger.info("torchrun restart %s: process group started on fresh store keys", attempt)
 
 
 def is_distributed() -> bool:

@@ -79,7 +79,7 @@ def count_params(hf_config: Any, mode: str, lora_r: int = 64,
 def checkpoint_bytes(counts: ParamCounts, zero_stage: int, dtype: str, mode: str) -> int:
     """Bytes of one checkpoint folder (all ranks' files together); formula in the module
     docstring."""
-    from pcc_dist.engine import PORTABLE_MAX_NUMEL
+    from pcc_dist.portable_state import PORTABLE_MAX_NUMEL
 
     t = counts.trainable
     size = ADAM_BYTES * t

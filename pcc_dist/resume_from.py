@@ -4,7 +4,7 @@ The Hugging Face Trainer's ``resume_from_checkpoint``. ``PATH`` is one ``step-NN
 (``<run>/<stage>/checkpoints/step-…``, of this run or another one). It applies to the stage that
 wrote it (its ``trainer_state.json`` says which); the other stage keeps the ``checkpoint.resume``
 policy. The folder gets the same integrity checks as an automatically chosen one
-(:meth:`pcc_dist.checkpoint.CheckpointManager.find_damage`), but a damaged one is an error, not
+(:func:`pcc_dist.checkpoint.find_damage`), but a damaged one is an error, not
 skipped: the user asked for that folder.
 """
 
@@ -13,13 +13,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pcc_dist.checkpoint import (
-    COMPLETE_MARKER,
-    STATE_FILE,
-    CheckpointError,
-    CheckpointManager,
-    _read_trainer_state,
-)
+from pcc_dist.checkpoint import COMPLETE_MARKER, STATE_FILE, CheckpointError, read_trainer_state
+from pcc_dist.checkpoint_manager import CheckpointManager
 from pcc_dist.config import PccConfig
 from pcc_dist.distributed import any_rank
 
@@ -50,7 +45,7 @@ def explicit_resume_point(cfg: PccConfig, stage: str,
             f"{field}: {path} has no {COMPLETE_MARKER} marker ({found}: a checkpoint is "
             f"complete only once its write finished); {hint}.")
     try:
-        written_by = _read_trainer_state(path).stage
+        written_by = read_trainer_state(path).stage
     except CheckpointError as exc:
         raise CheckpointError(f"{field}: damaged: {exc}; resume from another checkpoint.") from exc
     if written_by != stage:

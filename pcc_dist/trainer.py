@@ -26,12 +26,8 @@ from typing import Any
 
 import torch
 
-from pcc_dist.checkpoint import (
-    CheckpointManager,
-    TrainerState,
-    load_weights_from,
-    preflight_output_dir,
-)
+from pcc_dist.checkpoint import TrainerState, preflight_output_dir
+from pcc_dist.checkpoint_manager import CheckpointManager, load_weights_from
 from pcc_dist.config import PccConfig, StageSettings
 from pcc_dist.data import (
     ScoredPair,
@@ -80,7 +76,7 @@ class StageOutcome:
 
 
 def _dist():
-    from pcc_dist.engine import init_distributed
+    from pcc_dist.distributed import init_distributed
 
     return init_distributed()
 
@@ -121,7 +117,7 @@ class StageRunner:
     Args:
         cfg: The resolved config.
         name: ``"stage1"`` or ``"stage2"``.
-        dist_info: Rank, world size, ... from :func:`pcc_dist.engine.init_distributed`.
+        dist_info: Rank, world size, ... from :func:`pcc_dist.distributed.init_distributed`.
         data_root: Resolved data folder.
         test_tasks: STS7 test sets for de-contamination (None = off).
         init_from: Final checkpoint of the previous stage, or None.

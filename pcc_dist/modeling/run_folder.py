@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pcc_dist.checkpoint import CheckpointManager
+from pcc_dist.checkpoint_manager import CheckpointManager
 from pcc_dist.modeling._core import DTYPES, ModelError
 from pcc_dist.modeling.embedder import Embedder
 from pcc_dist.modeling.model_files import CONFIG_NAME, read_json_object

@@ -36,7 +36,9 @@ def _engine(keep_zero: bool, seed: int):
 def _full_state(engine, moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    engine._link_state_fragments()
+    from pcc_dist.portable_state import link_state_fragments
+
+    link_state_fragments(engine.deepspeed_engine)
     params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     out = {"params": {n: safe_get_full_fp32_param(p).clone() for n, p in params}}
     if moments:  # a fresh engine has none before its first step

@@ -38,8 +38,8 @@ def _tail(path: Path, lines: int = 40) -> str:
 def engine_accelerator_env(world_size: int) -> dict[str, str]:
     """The accelerator DeepSpeed is told to use, matching the backend the engine picks.
 
-    ``pcc_dist.engine.init_distributed`` takes NCCL whenever CUDA is available, so on a host with
-    a GPU per rank DeepSpeed must use its CUDA accelerator too (a CPU accelerator beside NCCL
+    ``pcc_dist.distributed.init_distributed`` takes NCCL whenever CUDA is available, so on a host
+    with a GPU per rank DeepSpeed must use its CUDA accelerator too (a CPU accelerator beside NCCL
     fails). With fewer GPUs than ranks NCCL cannot run (two ranks on one GPU), so the ranks see
     no GPU at all and both sides take the CPU path (gloo, DeepSpeed's CPU accelerator).
     """

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import pcc_dist.checkpoint as checkpoint
+import pcc_dist.checkpoint_manager as checkpoint_manager
 import pcc_dist.engine as engine_mod
 from pcc_dist.cli import train_main
 
@@ -76,19 +77,19 @@ def _patch_nan() -> None:
 
 
 def _patch_kill() -> None:
-    target = checkpoint._step_name(FAULTS["kill_before_marker"])
-    write = checkpoint._fsync_write
+    target = checkpoint_manager.step_name(FAULTS["kill_before_marker"])
+    write = checkpoint_manager.fsync_write
 
     def dying_write(path, text):
         if path.name == checkpoint.COMPLETE_MARKER and path.parent.name.endswith(target):
             os.kill(os.getpid(), signal.SIGKILL)
         return write(path, text)
 
-    checkpoint._fsync_write = dying_write
+    checkpoint_manager.fsync_write = dying_write
 
 
 def _patch_enospc() -> None:
-    target = checkpoint._step_name(FAULTS["enospc_at"])
+    target = checkpoint_manager.step_name(FAULTS["enospc_at"])
     save = torch.save
 
     def full_disk_save(obj, f, *args, **kwargs):

@@ -2,8 +2,8 @@
 previous one is, and nothing is left that a later run could take for complete.
 
 One real run is SIGKILLed inside the save (engine files, RNG and trainer state written, COMPLETE
-marker not yet); the seams of the protocol itself (checkpoint.py) are then hit one by one with a
-stand-in engine in a fresh process, which costs a second each instead of a training run.
+marker not yet); the seams of the protocol itself (checkpoint_manager.py) are then hit one by one
+with a stand-in engine in a fresh process, which costs a second each instead of a training run.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from helpers.runs import (
     train_cmd,
 )
 
-from pcc_dist.checkpoint import CheckpointManager
+from pcc_dist.checkpoint_manager import CheckpointManager
 
 pytestmark = pytest.mark.distributed
 
@@ -63,7 +63,8 @@ _SEAM_SCRIPT = textwrap.dedent('''
     import os, shutil, signal, sys, types
     from pathlib import Path
     import torch
-    import pcc_dist.checkpoint as ck
+    import pcc_dist.checkpoint_manager as ck
+    from pcc_dist.checkpoint import COMPLETE_MARKER, TrainerState
 
     folder, seam = Path(sys.argv[1]), sys.argv[2]
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -80,33 +81,33 @@ _SEAM_SCRIPT = textwrap.dedent('''
     keep = 2 if seam == "prune" else 5
     manager = ck.CheckpointManager(folder, keep, 0, lambda: None)
     for step in (2, 4):
-        manager.save(Engine(step), ck.TrainerState(stage="s", step=step))
+        manager.save(Engine(step), TrainerState(stage="s", step=step))
 
-    write, replace, rmtree = ck._fsync_write, os.replace, shutil.rmtree
+    write, replace, rmtree = ck.fsync_write, os.replace, shutil.rmtree
     def dying_write(path, text):
-        if seam == "marker" and path.name == ck.COMPLETE_MARKER:
+        if seam == "marker" and path.name == COMPLETE_MARKER:
             die()
         return write(path, text)
     def dying_replace(src, dst):
-        if seam == "rename" and Path(src).name.startswith(ck._TMP_PREFIX + ck._PREFIX):
+        if seam == "rename" and Path(src).name.startswith(ck.TMP_PREFIX + ck.STEP_PREFIX):
             die()
         return replace(src, dst)
     def dying_rmtree(path, *args, **kwargs):
         # A removal that got as far as everything but the marker (rmtree's order is the
         # file system's), then the process died.
         path = Path(path)
-        if seam in ("replace", "prune") and (path / ck.COMPLETE_MARKER).is_file():
+        if seam in ("replace", "prune") and (path / COMPLETE_MARKER).is_file():
             for child in path.iterdir():
-                if child.name != ck.COMPLETE_MARKER:
+                if child.name != COMPLETE_MARKER:
                     rmtree(child) if child.is_dir() else child.unlink()
             die()
         return rmtree(path, *args, **kwargs)
-    ck._fsync_write = dying_write
+    ck.fsync_write = dying_write
     ck.os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if k[:2] != "__"})
     ck.os.replace = dying_replace
     ck.shutil = types.SimpleNamespace(rmtree=dying_rmtree, disk_usage=shutil.disk_usage)
     step = 4 if seam == "replace" else 6
-    manager.save(Engine(step, fail=True), ck.TrainerState(stage="s", step=step))
+    manager.save(Engine(step, fail=True), TrainerState(stage="s", step=step))
     print("SAVED")
 ''')
 

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from helpers.runs import BASE, BIN, CONFIG, ROOT, env, run, step_lines, tiny_llama, train_cmd
 
-from pcc_dist.checkpoint import CheckpointManager
+from pcc_dist.checkpoint_manager import CheckpointManager
 
 pytestmark = pytest.mark.distributed
 

@@ -28,7 +28,7 @@ from helpers.runs import (
     train_cmd,
 )
 
-from pcc_dist.checkpoint import CheckpointManager
+from pcc_dist.checkpoint_manager import CheckpointManager
 
 pytestmark = pytest.mark.distributed
 

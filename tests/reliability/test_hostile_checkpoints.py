@@ -33,7 +33,8 @@ from helpers.runs import (
     train_cmd,
 )
 
-from pcc_dist.checkpoint import STATE_FILE, CheckpointManager
+from pcc_dist.checkpoint import STATE_FILE
+from pcc_dist.checkpoint_manager import CheckpointManager
 
 pytestmark = pytest.mark.distributed
 

@@ -33,9 +33,9 @@ from pcc_dist.checkpoint import (
     COMPLETE_MARKER,
     STATE_FILE,
     CheckpointError,
-    CheckpointManager,
     TrainerState,
 )
+from pcc_dist.checkpoint_manager import CheckpointManager
 from pcc_dist.config import PccConfig, load_config
 from pcc_dist.distributed import free_port
 

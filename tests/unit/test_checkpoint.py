@@ -7,14 +7,15 @@ import pytest
 import torch
 
 import pcc_dist.checkpoint as checkpoint_module
+import pcc_dist.checkpoint_manager as manager_module
 from pcc_dist import output_paths
 from pcc_dist.checkpoint import (
     COMPLETE_MARKER,
     CheckpointError,
-    CheckpointManager,
     TrainerState,
     preflight_output_dir,
 )
+from pcc_dist.checkpoint_manager import CheckpointManager
 
 
 class FakeEngine:
@@ -104,7 +105,7 @@ def test_failure_to_prune_an_old_checkpoint_does_not_fail_the_save(tmp_path, mon
     def refuse(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(checkpoint_module, "_discard", refuse)
+    monkeypatch.setattr(manager_module, "discard", refuse)
     second = ckpt.save(FakeEngine(2.0), TrainerState(stage="s", step=2))
     assert ckpt.latest() == second
     assert first.is_dir()  # still there, and said so
@@ -257,12 +258,12 @@ def test_an_engine_that_fails_to_load_gives_a_checkpoint_error(tmp_path):
 
 def test_the_trainer_state_check_covers_every_field_type():
     """A TrainerState field of a type the check does not know would go unchecked: extend
-    checkpoint._JSON_TYPES with it."""
+    checkpoint.JSON_TYPES with it."""
     from dataclasses import fields
 
     for field in fields(TrainerState):
         words = [w.strip() for w in str(field.type).split("|")]
-        assert all(w in checkpoint_module._JSON_TYPES for w in words), (field.name, field.type)
+        assert all(w in checkpoint_module.JSON_TYPES for w in words), (field.name, field.type)
 
 
 class WeightsOnlyEngine(FakeEngine):
@@ -291,7 +292,7 @@ def test_stage_two_starts_from_the_newest_intact_stage_one_checkpoint(tmp_path):
 
 
 def test_weights_from_a_damaged_checkpoint_are_a_checkpoint_error(tmp_path):
-    from pcc_dist.checkpoint import load_weights_from
+    from pcc_dist.checkpoint_manager import load_weights_from
 
     saved = _save_steps(manager(tmp_path, keep_last=5), 2)
     engine = WeightsOnlyEngine()

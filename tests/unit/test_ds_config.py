@@ -324,7 +324,7 @@ def test_our_key_list_covers_every_key_deepspeed_reads():
     DeepSpeed has removed it; and none of ours is one it refuses as removed."""
     from deepspeed.runtime import config as ds_runtime_config
 
-    from pcc_dist.ds_config import DEEPSPEED_KEYS
+    from pcc_dist.ds_checks import DEEPSPEED_KEYS
 
     looked_up: set[str] = set()
 

@@ -1,6 +1,7 @@
-"""pcc_dist.engine without a process group: the schedule, the optimizer groups and the
-TrainEngine bookkeeping (on a stand-in for DeepSpeed's engine). The DeepSpeed JSON resolver is
-tested in test_ds_config.py."""
+"""pcc_dist.engine, optim and portable_state without a process group: the schedule, the
+optimizer groups, the checkpoint's world file and shape check, and the TrainEngine bookkeeping
+(on a stand-in for DeepSpeed's engine). The DeepSpeed JSON resolver is tested in
+test_ds_config.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from pcc_dist.engine import DistInfo, TrainEngine, WarmupDecay, _param_groups
+from pcc_dist.distributed import DistInfo
+from pcc_dist.engine import TrainEngine
+from pcc_dist.optim import WarmupDecay, param_groups
 
 # -- schedule and optimizer groups -----------------------------------------------------------
 
@@ -40,7 +43,7 @@ def test_schedule_survives_a_lambdalr_state_dict_round_trip():
 def test_param_groups_cover_trainable_parameters_only_and_skip_decay_on_1d():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     model[2].weight.requires_grad_(False)
-    groups = _param_groups(model, weight_decay=0.1)
+    groups = param_groups(model, weight_decay=0.1)
     decay, no_decay = groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(model[0].weight)}
@@ -48,7 +51,7 @@ def test_param_groups_cover_trainable_parameters_only_and_skip_decay_on_1d():
                                                    id(model[1].bias), id(model[2].bias)}
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):
-        _param_groups(frozen, 0.0)
+        param_groups(frozen, 0.0)
 
 
 # -- TrainEngine bookkeeping on a stand-in for deepspeed.DeepSpeedEngine ----------------------
@@ -144,10 +147,10 @@ _LORA_B = "backbone.layers.0.q_proj.lora_B.default.weight"
                                                         (_LORA_B, [64, 4], [64, 8])])
 def test_another_lora_rank_names_the_tensor_shapes_and_setting(tmp_path, name, saved, current):
     from pcc_dist.checkpoint import CheckpointError
-    from pcc_dist.engine import _check_same_shapes
+    from pcc_dist.portable_state import check_same_shapes
 
     with pytest.raises(CheckpointError) as error:
-        _check_same_shapes(tmp_path, {name: saved}, {name: current})
+        check_same_shapes(tmp_path, {name: saved}, {name: current})
     message = str(error.value)
     assert f"{name} is {saved} in the checkpoint and {current} with this config" in message
     assert "model.lora.r was 4 when the checkpoint was written and is 8" in message
@@ -156,22 +159,22 @@ def test_another_lora_rank_names_the_tensor_shapes_and_setting(tmp_path, name, s
 
 def test_other_shape_changes_and_other_tensors_name_the_likely_settings(tmp_path):
     from pcc_dist.checkpoint import CheckpointError
-    from pcc_dist.engine import _check_same_shapes
+    from pcc_dist.portable_state import check_same_shapes
 
-    _check_same_shapes(tmp_path, {_LORA_A: [4, 64]}, {_LORA_A: [4, 64]})  # same: no error
+    check_same_shapes(tmp_path, {_LORA_A: [4, 64]}, {_LORA_A: [4, 64]})  # same: no error
     with pytest.raises(CheckpointError, match=r"\[4, 64\] in the checkpoint and \[4, 96\].*"
                                               r"model\.name_or_path"):
-        _check_same_shapes(tmp_path, {_LORA_A: [4, 64]}, {_LORA_A: [4, 96]})
+        check_same_shapes(tmp_path, {_LORA_A: [4, 64]}, {_LORA_A: [4, 96]})
     with pytest.raises(CheckpointError, match="other trainable tensors.*model.lora.target_modules"):
-        _check_same_shapes(tmp_path, {_LORA_A: [4, 64]}, {_LORA_B: [64, 4]})
+        check_same_shapes(tmp_path, {_LORA_A: [4, 64]}, {_LORA_B: [64, 4]})
 
 
 @pytest.mark.parametrize("text", ['{"world_size": 1, "shapes": {"w": [4, "x"]}}',
                                   '{"world_size": 1, "shapes": [4]}', '{"shapes": {}}', "{"])
 def test_a_damaged_world_file_is_a_checkpoint_error(tmp_path, text):
     from pcc_dist.checkpoint import CheckpointError
-    from pcc_dist.engine import _read_world_file
+    from pcc_dist.portable_state import read_world_file
 
     (tmp_path / "world.json").write_text(text)
     with pytest.raises(CheckpointError, match="world.json is damaged"):
-        _read_world_file(tmp_path / "world.json")
+        read_world_file(tmp_path / "world.json")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pcc_dist.config import load_config
-from pcc_dist.engine import _build_optimizer
+from pcc_dist.optim import build_optimizer
 
 
 def _steps(model: nn.Module, optimizer: torch.optim.Optimizer, grads: list[list[torch.Tensor]]):
@@ -25,7 +25,7 @@ def test_adamw_torch_is_fused_and_takes_the_elementwise_update():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 8), nn.LayerNorm(8))
     reference = copy.deepcopy(model)
-    fused = _build_optimizer(model, cfg, cfg.stage2, {"zero_optimization": {"stage": 1}})
+    fused = build_optimizer(model, cfg, cfg.stage2, {"zero_optimization": {"stage": 1}})
     assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"] is True
     groups = [{"params": [p for p in reference.parameters() if p.dim() >= 2],
                "weight_decay": 0.1},

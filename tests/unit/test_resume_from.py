@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pcc_dist.checkpoint import CheckpointError, CheckpointManager, TrainerState
+from pcc_dist.checkpoint import CheckpointError, TrainerState
+from pcc_dist.checkpoint_manager import CheckpointManager
 from pcc_dist.config import load_config
 from pcc_dist.resume_from import explicit_resume_point
 

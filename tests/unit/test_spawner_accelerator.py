@@ -1,5 +1,6 @@
 """The 2-rank ZeRO spawner tells DeepSpeed the accelerator that matches the engine's backend
-(NCCL whenever CUDA is visible: pcc_dist.engine.init_distributed), with CUDA's presence mocked."""
+(NCCL whenever CUDA is visible: pcc_dist.distributed.init_distributed), with CUDA's presence
+mocked."""
 
 from __future__ import annotations
 
