@@ -1,7 +1,9 @@
 """Suite-wide test setup: offline hub, GPU-marked tests skipped with a reason on CPU."""
 
+import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _venv_bin = str(Path(sys.executable).parent)
 if os.environ.get("PATH", "").split(os.pathsep)[0] != _venv_bin:
     os.environ["PATH"] = _venv_bin + os.pathsep + os.environ.get("PATH", "")
-# And one build folder for that op: every process of the suite inherits this one, so a fresh
-# machine builds it once (~1 min on 2 cores) instead of once per cache folder, and other jobs'
-# builds in the shared ~/.cache/torch_extensions never hold our build lock.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR",
-                      str(Path.home() / ".cache" / "pcc_dist_tests" / "torch_extensions"))
+# And one build folder for that op per virtual environment: every process of the suite inherits
+# it, so a fresh machine builds it once instead of once per cache folder; other jobs' builds in
+# the shared ~/.cache/torch_extensions never hold our build lock; and two checkouts (whose venv
+# paths differ, so each rebuilds the op) never wait on each other's lock.
+_venv_key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]
+_extensions = Path.home() / ".cache" / "pcc_dist_tests" / "torch_extensions" / _venv_key
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_extensions))
+# torch's build lock is a bare file: a rank killed while it held it (a test's timeout kill) leaves
+# it behind and every later load waits forever. A build takes about a minute; a lock this old
+# belongs to no live build.
+_STALE_LOCK_S = 15 * 60
+for _lock in Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("*/lock"):
+    try:
+        if time.time() - _lock.stat().st_mtime > _STALE_LOCK_S:
+            _lock.unlink()
+    except OSError:
+        pass  # another process removed it first
 
 
 def pytest_collection_modifyitems(config, items):

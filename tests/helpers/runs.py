@@ -20,7 +20,7 @@ from pcc_dist.distributed import free_port
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "launchers" / "configs" / "tiny_cpu.yaml"
 BIN = Path(sys.executable).parent
-DRIVER = Path(__file__).resolve().parent / "_faults_driver.py"
+DRIVER = Path(__file__).resolve().parents[1] / "reliability" / "_faults_driver.py"
 TIMEOUT = 420
 # Built once per session: the tiny model folder and the uninterrupted reference runs.
 _CACHE: dict[str, Path] = {}
