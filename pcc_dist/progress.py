@@ -78,3 +78,14 @@ def progress(total: int, desc: str, unit: str, show: bool):
 
         return tqdm(total=total, desc=desc, unit=unit)
     return LogProgress(total, desc, unit, every=LOG_EVERY_SECONDS if show else math.inf)
+
+
+def step_progress(total: int, initial: int, desc: str, show: bool):
+    """The training loop's bar of ``total`` steps, starting at ``initial`` (a resumed stage).
+
+    Only a tqdm bar (``show`` = rank 0 and :func:`progress_enabled`): without one the step log
+    writes a line per logged step instead (:mod:`pcc_dist.step_log`).
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not show)
