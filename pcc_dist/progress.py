@@ -1,8 +1,7 @@
 """Progress of long loops: a tqdm bar at a terminal, an INFO line every minute anywhere else.
 
 Jobs under slurm, nohup or CI have no terminal, and a bar written into their log is unreadable;
-without a fallback, the 35-minute STS7 evaluation of a SmolLM2 run on a CPU said nothing between
-"embedding 26289 unique sentences" and its result.
+without a fallback a long loop there (an STS7 evaluation on a CPU) says nothing until it ends.
 """
 
 from __future__ import annotations

@@ -388,7 +388,7 @@ def train_stages(cfg: PccConfig, dist_info, data_root: Path,
 
 
 def score_sts7(cfg: PccConfig, embedder, dist_info, data_root: Path):
-    """The final model's :class:`~pcc_dist.evaluation.StsResult` on ``eval.tasks`` (None if
+    """The final model's :class:`~pcc_dist.sts_protocol.StsResult` on ``eval.tasks`` (None if
     empty); every rank embeds its share of the sentences."""
     if not cfg.eval.tasks:
         return None
