@@ -193,7 +193,8 @@ class StageRunner:
 
     # -- 4. train ------------------------------------------------------------------------------
     def attach(self, tracker) -> None:
-        """The components that need the tracker: the step log and the dev evaluator."""
+        """The step's components: the step log and the dev evaluator (both report to
+        ``tracker``) and the gradient cache."""
         from pcc_dist.gradcache import GradCache
 
         self.tracker = tracker
