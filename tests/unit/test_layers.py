@@ -39,10 +39,12 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # The PccConfig tree and its loader (validates loss.kernel against the losses).
     "config": ("config_yaml", "config_build", "config_checks", "config_docs", "config"),
     # Run folders and checkpoints on disk.
-    "checkpoint": ("checkpoint", "universal_checkpoint", "stage_memory", "resume_from"),
+    "checkpoint": ("checkpoint", "universal_checkpoint", "stage_memory", "resume_from",
+                   "stage_checkpoints"),
     # What a step is made of: data, models, batches, STS scoring, tracking.
     "components": ("data", "modeling", "sampling", "step_inputs", "length_chunks", "gradcache",
-                   "sharded_encode", "sts_protocol", "evaluation", "tracking", "model_card"),
+                   "sharded_encode", "sts_protocol", "evaluation", "tracking", "model_card",
+                   "stage_data", "step_log", "dev_eval"),
     # DeepSpeed: the JSON resolver, the engine, the memory plan.
     "engine": ("ds_hf_auto", "ds_config", "engine", "memory_plan"),
     # What a command runs: training, preflight, export.
