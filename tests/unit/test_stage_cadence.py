@@ -17,11 +17,6 @@ from pcc_dist.step_log import METRICS_FILE, StepLog, StepRecord
 ONE_RANK = SimpleNamespace(rank=0, world_size=1)
 
 
-def _due(component, last_step: int = 7, **kwargs) -> list[int]:
-    return [s for s in range(1, last_step + 1) if component.due(s, **{
-        k: v(s) for k, v in kwargs.items()})]
-
-
 def test_step_log_writes_step_one_and_every_nth_step(tmp_path):
     logged = []
     tracker = SimpleNamespace(log_metrics=lambda m, step: logged.append((step, m)))
@@ -33,6 +28,7 @@ def test_step_log_writes_step_one_and_every_nth_step(tmp_path):
                    StepRecord(loss=0.25, result=SimpleNamespace(lr=1e-3, grad_norm=2.0),
                               views=[{"attention_mask": mask}], seconds=0.5,
                               real_token_fraction=0.8, batch_r=0.9))
+    assert [s for s in range(1, 8) if log.due(s)] == [1, 3, 6]
     assert [step for step, _ in logged] == [1, 3, 6]
     lines = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 3, 6]
@@ -56,7 +52,7 @@ def test_step_log_of_other_ranks_writes_no_file(tmp_path):
 def test_checkpoints_save_every_nth_step_and_the_last(tmp_path):
     cfg = load_config(None, ["checkpoint.every_steps=3"])
     checkpoints = StageCheckpoints(cfg, "stage1", tmp_path, ONE_RANK)
-    assert _due(checkpoints, last=lambda s: s == 7) == [3, 6, 7]
+    assert [s for s in range(1, 8) if checkpoints.due(s, last=s == 7)] == [3, 6, 7]
     saved = []
     checkpoints.manager.save = lambda engine, state: saved.append((state.step,
                                                                    state.tracking_run_id))
@@ -74,7 +70,7 @@ def test_checkpoints_save_every_nth_step_and_the_last(tmp_path):
 def test_dev_evaluator_scores_every_nth_step_when_on(tmp_path, overrides, want):
     cfg = load_config(None, ["eval.dev=true", *overrides])
     evaluator = DevEvaluator(cfg, "stage2", ONE_RANK, tmp_path, tmp_path, None, None, None)
-    assert _due(evaluator) == want
+    assert [s for s in range(1, 8) if evaluator.due(s)] == want
 
 
 def test_dev_evaluator_keeps_the_best_score_and_saves_only_new_bests(tmp_path, monkeypatch):
