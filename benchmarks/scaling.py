@@ -190,7 +190,7 @@ def rank_worker(spec: dict[str, Any]) -> None:
     from comm_bytes import CommCounter
 
     from pcc_dist.data import load_sts7, resolve_data_root
-    from pcc_dist.trainer import shutdown_distributed
+    from pcc_dist.distributed import shutdown_distributed
 
     data_root = resolve_data_root(None)
     tasks = load_sts7(data_root)

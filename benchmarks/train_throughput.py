@@ -56,6 +56,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -162,6 +163,7 @@ def run_ours(variant: str, steps: int, warmup: int, workdir: Path, data_root: Pa
     from pcc_dist.distributed import init_distributed
     from pcc_dist.engine import TrainEngine
     from pcc_dist.losses import InfoNCELoss, PearsonLoss
+    from pcc_dist.step_log import StepLog
     from pcc_dist.trainer import StageRunner
 
     info = init_distributed()
@@ -182,28 +184,28 @@ def run_ours(variant: str, steps: int, warmup: int, workdir: Path, data_root: Pa
     stamps: list[float] = []
     cpu_stamps: list[float] = []
     timers = Timers()
-    original_log = runner._log_step
+    original_record = StepLog.record
     padded_tokens: list[int] = []
     real_tokens: list[int] = []
 
-    def log_step(tracker, state, loss_value, batch_r, result, views, seconds, plan):
+    def record(log, state, step):  # StepLog.record runs after every step
         start = time.perf_counter()
-        original_log(tracker, state, loss_value, batch_r, result, views, seconds, plan)
+        original_record(log, state, step)
         timers.seconds["logging"] += time.perf_counter() - start
         stamps.append(time.perf_counter())
         cpu_stamps.append(time.process_time())
         if state.step > warmup:
-            padded_tokens.append(sum(int(v["attention_mask"].numel()) for v in views))
-            real_tokens.append(sum(int(v["attention_mask"].sum()) for v in views))
+            padded_tokens.append(sum(int(v["attention_mask"].numel()) for v in step.views))
+            real_tokens.append(sum(int(v["attention_mask"].sum()) for v in step.views))
         if state.step == warmup:
             timers.reset()
 
-    runner._log_step = log_step
     if VARIANTS[variant].get("_no_single_rank_fix"):
         import pcc_dist.engine as engine_module
 
         engine_module.single_rank_zero3 = lambda ds_config, world_size: ds_config
-    with timers.patch(StageRunner, "views", "tokenise_collate"), \
+    with mock.patch.object(StepLog, "record", record), \
+            timers.patch(StageRunner, "views", "tokenise_collate"), \
             timers.patch(TrainEngine, "__call__", "forward_engine_incl_zero_hooks"), \
             timers.patch(InfoNCELoss if stage == "stage1" else PearsonLoss, "forward", "loss"), \
             timers.patch(TrainEngine, "backward", "backward_incl_zero_hooks"), \

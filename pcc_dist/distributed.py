@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,8 @@ __all__ = [
     "import_deepspeed",
     "init_distributed",
     "is_distributed",
+    "rank_barrier",
+    "shutdown_distributed",
 ]
 
 
@@ -322,3 +324,25 @@ def all_gather_with_grad(
             f"{tensor.shape[0]} rows"
         )
     return AllGatherWithGrad.apply(tensor, list(sizes), group)
+
+
+def rank_barrier(world_size: int) -> Callable[[], None]:
+    """A barrier over every rank as a no-argument callable; a no-op for ``world_size`` 1.
+
+    For code that is handed a barrier (:class:`pcc_dist.checkpoint_manager.CheckpointManager`): a
+    1-rank run needs none, and a 1-rank helper may run before any process group exists.
+    """
+    if world_size == 1:
+        return lambda: None
+    return lambda: dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Wait for every rank, then close the process group (nothing to do without one).
+
+    Without it a rank that finishes first exits while gloo still has a peer, and its process
+    aborts ("terminate called without an active exception"), failing the launcher.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -319,6 +319,22 @@ class TrainEngine:
                 out[key] = tensor
         return out
 
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The backbone's full (or adapter-only) state dict gathered from the ZeRO-3 partitions.
+
+        The engine wraps the :class:`~pcc_dist.modeling.Embedder`, whose keys carry a
+        ``backbone.`` prefix; the backbone's ``save_pretrained`` expects its own keys. Under ZeRO-3
+        the module's own tensors are empty partitions, so a key that does not match is not a
+        harmless miss: the saved model would be garbage. A collective call; ranks other than 0
+        get ``{}``.
+        """
+        prefix = "backbone."
+        gathered = self.gathered_state_dict()
+        stray = [k for k in gathered if not k.startswith(prefix)]
+        if stray:
+            raise RuntimeError(f"unexpected non-backbone weights in the embedder: {stray[:3]}")
+        return {k[len(prefix):]: v for k, v in gathered.items()}
+
 
 def build_engine(model: nn.Module, cfg: PccConfig, stage: StageSettings,
                  total_steps: int) -> TrainEngine:

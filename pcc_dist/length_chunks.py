@@ -4,10 +4,10 @@ into one such view first (:func:`pool_views`), so rows of similar length share a
 view they come from.
 
 A view (one rank's micro batch of one side: anchors, positives, sentence1, ...) padded to its
-longest row wastes most of its tokens on padding: a random batch of 64 stage-2 pairs with the
-MiniLM tokenizer pads to ~2.8x its real tokens (``benchmarks/padding.py``). The losses only see
-the embeddings, row by row, so the rows may be embedded in any grouping and order as long as
-the embedding matrix handed to the loss has the original row order:
+longest row wastes most of its tokens on padding (``benchmarks/padding.py`` measures how much
+on the stage-2 set). The losses only see the embeddings, row by row, so the rows may be embedded
+in any grouping and order as long as the embedding matrix handed to the loss has the original
+row order:
 
 1. ``order`` = the rows sorted by real-token count, longest first (stable: ties keep their
    order, so the plan is a pure function of the mask); longest first so that an out-of-memory

@@ -1,7 +1,8 @@
 """Checks that an output path can be written, made before the work that fills it.
 
-``pcc-eval --json`` used to evaluate for minutes and then fail with a traceback on an unwritable
-path; the run folder of ``pcc-train`` is probed the same way before any process group starts.
+So a command fails at once on an unwritable path instead of after minutes of evaluation
+(``pcc-eval --json``) or training; the run folder of ``pcc-train`` is probed the same way before
+any process group starts.
 The probe creates and deletes one uniquely named file, so it is safe on a folder shared by
 every rank of a job and leaves nothing behind.
 """

@@ -80,7 +80,7 @@ def check_data(cfg: PccConfig, report: PreflightReport) -> None:
     """The data root, the training set of each enabled stage and the STS sets the run reads."""
     from pcc_dist.data import DataError, is_hub_id, load_sts7, load_sts_task, resolve_data_root
     from pcc_dist.data.sources import BUILTIN_TRAINING_SETS
-    from pcc_dist.trainer import TrainingError, read_stage_examples
+    from pcc_dist.stage_data import TrainingError, read_stage_examples
 
     try:
         root = resolve_data_root(cfg.data.root)

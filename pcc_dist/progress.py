@@ -1,8 +1,7 @@
 """Progress of long loops: a tqdm bar at a terminal, an INFO line every minute anywhere else.
 
 Jobs under slurm, nohup or CI have no terminal, and a bar written into their log is unreadable;
-without a fallback, the 35-minute STS7 evaluation of a SmolLM2 run on a CPU said nothing between
-"embedding 26289 unique sentences" and its result.
+without a fallback a long loop there (an STS7 evaluation on a CPU) says nothing until it ends.
 """
 
 from __future__ import annotations
@@ -78,3 +77,14 @@ def progress(total: int, desc: str, unit: str, show: bool):
 
         return tqdm(total=total, desc=desc, unit=unit)
     return LogProgress(total, desc, unit, every=LOG_EVERY_SECONDS if show else math.inf)
+
+
+def step_progress(total: int, initial: int, desc: str, show: bool):
+    """The training loop's bar of ``total`` steps, starting at ``initial`` (a resumed stage).
+
+    Only a tqdm bar (``show`` = rank 0 and :func:`progress_enabled`): without one the step log
+    writes a line per logged step instead (:mod:`pcc_dist.step_log`).
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not show)

@@ -1,14 +1,21 @@
-"""The training loop: stage 1 (InfoNCE on NLI triplets) then stage 2 (Pcc, 1 - Pearson r).
+"""The training run: stage 1 (InfoNCE on NLI triplets) then stage 2 (Pcc, 1 - Pearson r).
 
-Reads as a list of named steps. Each stage:
+Reads as a table of contents. :func:`run_training` checks the output folder and the model, joins
+the process group, runs each enabled stage (:class:`StageRunner`), scores the final model on STS7,
+exports it and closes the group. :meth:`StageRunner.run`, on every rank:
 
-1. load its data, de-contaminate it against the STS7 test sets, rescale stage-2 scores;
-2. build a fresh embedder and engine; start from the previous stage's final weights, or resume
-   from this stage's newest complete checkpoint (model, optimizer, scheduler, RNG, data position);
-3. for each optimizer step: take this rank's slice of the global batch (tokenised a step ahead),
-   run the gradient cache (or plain forwards/backward) over length-sorted chunks, step the engine
-   (non-finite steps are skipped on every rank), log, evaluate on STS-B dev, checkpoint;
-4. save a final checkpoint (the next stage starts from it) and export the model.
+1. open the stage's checkpoints and choose where to resume (:mod:`pcc_dist.stage_checkpoints`);
+2. load its data, de-contaminated against the STS7 test sets, stage-2 scores rescaled
+   (:mod:`pcc_dist.stage_data`), and plan its global batches (:mod:`pcc_dist.sampling`);
+3. build a fresh embedder and engine; start from the previous stage's final weights, or resume
+   from the chosen checkpoint (model, optimizer, scheduler, RNG, data position);
+4. train: for each optimizer step take this rank's slice of the global batch (tokenised a step
+   ahead, :mod:`pcc_dist.step_inputs`), run the gradient cache over length-sorted chunks, step
+   the engine (a non-finite step is skipped on every rank); then each component acts when its
+   cadence says so: the step log (:mod:`pcc_dist.step_log`), the STS-B dev evaluator
+   (:mod:`pcc_dist.dev_eval`), the checkpoints (the last step always saves: the next stage
+   starts from it);
+5. finish: the final dev score and the stage's ``outcome.json``.
 
 The loss of every step is computed over the whole global batch of N examples whatever the world
 size (see :mod:`pcc_dist.sampling`), so runs on 1 and on W ranks take the same steps.
@@ -27,35 +34,24 @@ from typing import Any
 import torch
 
 from pcc_dist.checkpoint import TrainerState, preflight_output_dir
-from pcc_dist.checkpoint_manager import CheckpointManager, load_weights_from
+from pcc_dist.checkpoint_manager import load_weights_from
 from pcc_dist.config import PccConfig, StageSettings
-from pcc_dist.data import (
-    ScoredPair,
-    Triplet,
-    decontaminate,
-    load_sts7,
-    load_sts_task,
-    load_training_set,
-    rescale_scores,
-    resolve_data_root,
-)
-from pcc_dist.errors import PccError
+from pcc_dist.data import load_sts7, resolve_data_root
+from pcc_dist.dev_eval import DevEvaluator
+from pcc_dist.distributed import rank_barrier, shutdown_distributed
 from pcc_dist.evaluation import evaluate_sts
-from pcc_dist.progress import progress_enabled
-from pcc_dist.resume_from import explicit_resume_point
+from pcc_dist.progress import progress_enabled, step_progress
 from pcc_dist.sampling import GlobalBatchPlan
 from pcc_dist.sharded_encode import ShardedEncoder
+from pcc_dist.stage_checkpoints import StageCheckpoints, earlier_stage1
+from pcc_dist.stage_data import TrainingError, load_stage_examples
 from pcc_dist.step_inputs import Prefetcher, tokenize_views
+from pcc_dist.step_log import StepLog, StepRecord
 from pcc_dist.sts_protocol import format_table
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("stage1", "stage2")
-METRICS_FILE = "metrics.jsonl"
-
-
-class TrainingError(PccError, RuntimeError):
-    """The run cannot continue; the message says why and how to resume."""
 
 
 @dataclass
@@ -75,44 +71,17 @@ class StageOutcome:
     decontamination: dict[str, Any] | None
 
 
-def _dist():
-    from pcc_dist.distributed import init_distributed
-
-    return init_distributed()
-
-
-def _barrier(world_size: int):
-    if world_size == 1:
-        return lambda: None
-    return torch.distributed.barrier
-
-
-def read_stage_examples(cfg: PccConfig, name: str, data_root: Path) -> list:
-    """The training set of stage ``name``, checked for the examples that stage trains on.
-
-    Args:
-        cfg: The resolved config (``<stage>.data``, ``data.on_bad_row``).
-        name: ``"stage1"`` (InfoNCE: triplets) or ``"stage2"`` (Pcc: scored pairs).
-        data_root: Resolved data folder, for the built-in sets.
-
-    Raises:
-        DataError: missing data, or a bad row with ``data.on_bad_row=error``.
-        TrainingError: the set holds the other kind of example.
-    """
-    spec = getattr(cfg, name).data
-    examples = load_training_set(spec, data_root, on_bad_row=cfg.data.on_bad_row,
-                                 score_range=cfg.data.score_bounds)
-    if name == "stage1" and not all(isinstance(e, Triplet) for e in examples):
-        raise TrainingError(f"stage1.data={spec!r} is not a triplet set "
-                            "(sent0,sent1[,hard_neg]); stage 1 trains InfoNCE on triplets.")
-    if name == "stage2" and not all(isinstance(e, ScoredPair) for e in examples):
-        raise TrainingError(f"stage2.data={spec!r} holds no scored pairs; "
-                            "stage 2 trains on (sentence1, sentence2, score).")
-    return examples
-
-
 class StageRunner:
-    """Runs one training stage on every rank.
+    """Runs one training stage on every rank, and holds the stage's components.
+
+    :meth:`run` builds the components in the order of the module docstring and keeps them as
+    attributes, so each step below it takes no arguments: ``checkpoints``
+    (:class:`~pcc_dist.stage_checkpoints.StageCheckpoints`), ``plan``
+    (:class:`~pcc_dist.sampling.GlobalBatchPlan`), ``embedder``, ``engine``
+    (:class:`~pcc_dist.engine.TrainEngine`), ``state`` (:class:`~pcc_dist.checkpoint.TrainerState`),
+    ``tracker``, ``log`` (:class:`~pcc_dist.step_log.StepLog`), ``evaluator``
+    (:class:`~pcc_dist.dev_eval.DevEvaluator`), ``cache`` (:class:`~pcc_dist.gradcache.GradCache`)
+    and ``loss``.
 
     Args:
         cfg: The resolved config.
@@ -135,207 +104,167 @@ class StageRunner:
         self.stage_dir = Path(cfg.run.output_dir) / name
         self.is_main = dist_info.rank == 0
         self.total_steps = 0  # known once the data is loaded
-        self.real_token_fraction = 1.0  # of the last step's views on this rank
 
-    # -- step 1: data ---------------------------------------------------------------------
+    def run(self) -> tuple[StageOutcome, Any, Any]:
+        """Train the stage; returns its outcome, the embedder and the engine (for export)."""
+        from pcc_dist.tracking import make_tracker
+
+        started = time.perf_counter()
+        resume_from = self.open_checkpoints()                       # 1
+        examples, contamination = self.load_examples()              # 2
+        self.plan_batches(len(examples))
+        self.build_model()                                          # 3
+        self.start_state(resume_from)
+        self.write_contamination(contamination)
+        with make_tracker(self.cfg, self.stage_dir, rank=self.dist.rank,
+                          resume_run_id=self.state.tracking_run_id, stage=self.name) as tracker:
+            self.attach(tracker)
+            self.train_steps(examples)                              # 4
+            outcome = self.finish(started, contamination)           # 5
+        return outcome, self.embedder, self.engine
+
+    # -- 1. checkpoints ----------------------------------------------------------------------
+    def open_checkpoints(self) -> Path | None:
+        """The stage's checkpoint folder; returns the checkpoint to resume from, or None.
+
+        Chosen before data and weights load: a damaged checkpoint folder fails in seconds.
+        """
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = StageCheckpoints(self.cfg, self.name, self.stage_dir, self.dist)
+        return self.checkpoints.resume_point()
+
+    # -- 2. data -----------------------------------------------------------------------------
     def load_examples(self) -> tuple[list, dict[str, Any] | None]:
-        examples = read_stage_examples(self.cfg, self.name, self.data_root)
-        report = None
-        if self.test_tasks is not None:
-            examples, contamination = decontaminate(examples, self.test_tasks)
-            report = contamination.to_dict()
-            logger.info("%s: de-contamination removed %s (kept %d of %d)", self.name,
-                        contamination.removed_per_source, contamination.kept, contamination.total)
-        if self.name == "stage2":
-            examples = rescale_scores(examples, self.cfg.data.score_scaling,
-                                      self.cfg.data.score_bounds)
-        self._require_one_global_batch(len(examples), report)
-        return examples, report
+        """The examples and the de-contamination report (:func:`load_stage_examples`)."""
+        return load_stage_examples(self.cfg, self.name, self.data_root, self.test_tasks)
 
-    def _require_one_global_batch(self, count: int, report: dict[str, Any] | None) -> None:
-        """Refuse a data set smaller than one global batch, naming it, its size and the batch."""
-        batch = self.stage.global_batch_size
-        if count >= batch:
-            return
-        if report is None:
-            how = "with data.decontaminate=false"
-        else:
-            how = (f"after de-contamination removed {report['removed']} of {report['total']} "
-                   "that occur in STS7 test sets")
-        raise TrainingError(
-            f"{self.name}.data={self.stage.data!r} has {count} examples {how}, fewer than one "
-            f"global batch ({self.name}.global_batch_size={batch}); lower "
-            f"{self.name}.global_batch_size to at most {count} (a multiple of the number of "
-            "ranks) or add data.")
+    def plan_batches(self, count: int) -> None:
+        """The global-batch plan over ``count`` examples and the stage's step count."""
+        self.plan = GlobalBatchPlan(count, self.stage.global_batch_size, self.dist.world_size,
+                                    self.cfg.run.seed)
+        self.total_steps = self.plan.total_steps(self.stage.epochs, self.stage.max_steps)
+        logger.info("%s: %d examples, global batch %d (%d per rank x %d ranks), %d steps",
+                    self.name, count, self.plan.global_batch_size, self.plan.per_rank,
+                    self.dist.world_size, self.total_steps)
 
-    # -- step 3a: one rank's batch as token views ---------------------------------------
+    # -- 3. model, engine and where they start -------------------------------------------------
+    def build_model(self) -> None:
+        """A fresh embedder and its engine."""
+        from pcc_dist.engine import build_engine
+        from pcc_dist.modeling import load_embedder
+
+        # Same seed on every rank for the weights it creates (LoRA A matrices): ZeRO-3 keeps
+        # each rank's own slice of them, so different draws would make an inconsistent model.
+        seed_everything(self.cfg.run.seed)
+        self.embedder = load_embedder(self.cfg.model, for_training=True)
+        self.engine = build_engine(self.embedder, self.cfg, self.stage, self.total_steps)
+        # Then one stream per rank for dropout, so ranks do not draw identical masks.
+        seed_everything(self.cfg.run.seed + 1 + self.dist.rank)
+
+    def start_state(self, resume_from: Path | None) -> None:
+        """Resume from ``resume_from``, or load the previous stage's weights, or start afresh."""
+        self.state = TrainerState(stage=self.name, world_size=self.dist.world_size,
+                                  global_batch_size=self.plan.global_batch_size)
+        if resume_from is not None:
+            self.state = self.checkpoints.load(self.engine, resume_from)
+            self._check_resume_compatible()
+        elif self.init_from is not None:
+            load_weights_from(self.engine, self.init_from)
+            logger.info("%s starts from the weights of %s", self.name, self.init_from)
+
+    def _check_resume_compatible(self) -> None:
+        state = self.state
+        if state.global_batch_size != self.plan.global_batch_size:
+            raise TrainingError(
+                f"the checkpoint was written with global batch {state.global_batch_size}, this "
+                f"run uses {self.plan.global_batch_size}; resume with the same global_batch_size "
+                "(the data position is counted in global batches).")
+        if state.world_size != self.dist.world_size:
+            # Same global batch, so the same batches in the same order (the plan does not
+            # depend on W) and the same loss; only per-rank dropout streams cannot carry over.
+            logger.warning("%s: resuming a checkpoint written on %d ranks on %d ranks; the "
+                           "data order and global batch are unchanged, dropout masks are "
+                           "drawn afresh", self.name, state.world_size, self.dist.world_size)
+            state.world_size = self.dist.world_size
+
+    def write_contamination(self, report: dict[str, Any] | None) -> None:
+        """``<stage>/decontamination.json`` on rank 0, when de-contamination is on."""
+        if report is not None and self.is_main:
+            (self.stage_dir / "decontamination.json").write_text(json.dumps(report, indent=2))
+
+    # -- 4. train ------------------------------------------------------------------------------
+    def attach(self, tracker) -> None:
+        """The step's components: the step log and the dev evaluator (both report to
+        ``tracker``) and the gradient cache."""
+        from pcc_dist.gradcache import GradCache
+
+        self.tracker = tracker
+        tracker.log_params({"deepspeed": self.engine.ds_config})
+        self.log = StepLog(tracker, self.name, self.stage_dir, self.cfg.train.log_every_steps,
+                           world_size=self.dist.world_size,
+                           global_batch_size=self.plan.global_batch_size,
+                           total_steps=self.total_steps, is_main=self.is_main)
+        self.evaluator = DevEvaluator(self.cfg, self.name, self.dist, self.data_root,
+                                      self.stage_dir, self.embedder, self.engine, tracker)
+        self.cache = GradCache(self.engine, self.stage.gradcache_chunk_size)
+
     def views(self, embedder, batch: list) -> tuple[list[dict[str, torch.Tensor]],
                                                      torch.Tensor | None]:
         """Token views (stage 1: anchor, positive[, negative]; 2: sentence1, 2), gold scores."""
         return tokenize_views(embedder, self.name, batch, self.stage.max_length)
 
-    def make_loss(self):
-        from pcc_dist.losses import InfoNCELoss, PearsonLoss
-
-        if self.name == "stage1":
-            return InfoNCELoss(temperature=self.cfg.loss.temperature, kernel=self.cfg.loss.kernel,
-                               chunk_size=self.cfg.loss.chunk_size)
-        return PearsonLoss(kernel=self.cfg.loss.kernel)
-
-    # -- step 3c: dev evaluation -------------------------------------------------------
-    def dev_spearman(self, embedder) -> float:
-        dev = {"STSBenchmark": load_sts_task("STSBenchmark", self.data_root, split="dev")}
-        encoder = ShardedEncoder(embedder, self.dist.rank, self.dist.world_size)
-        was_training = embedder.training
-        result = evaluate_sts(encoder, dev, batch_size=self.cfg.eval.batch_size,
-                              show_progress=False)
-        embedder.train(was_training)
-        return result.spearman["STSBenchmark"]
-
-    # -- the stage -------------------------------------------------------------------------
-    def run(self) -> tuple[StageOutcome, Any, Any]:
-        """Train the stage; returns its outcome, the embedder and the engine (for export)."""
-        from pcc_dist.engine import build_engine
-        from pcc_dist.gradcache import GradCache
-        from pcc_dist.modeling import load_embedder
-        from pcc_dist.tracking import make_tracker
-
-        started = time.perf_counter()
-        self.stage_dir.mkdir(parents=True, exist_ok=True)
-        checkpoints = CheckpointManager(self.stage_dir / "checkpoints",
-                                        self.cfg.checkpoint.keep_last, self.dist.rank,
-                                        _barrier(self.dist.world_size))
-        # Chosen before data and weights load: a damaged checkpoint folder fails in seconds.
-        resume_from = self._resume_point(checkpoints)
-        examples, contamination = self.load_examples()
-        plan = GlobalBatchPlan(len(examples), self.stage.global_batch_size,
-                               self.dist.world_size, self.cfg.run.seed)
-        total_steps = self.total_steps = plan.total_steps(self.stage.epochs, self.stage.max_steps)
-        logger.info("%s: %d examples, global batch %d (%d per rank x %d ranks), %d steps",
-                    self.name, len(examples), plan.global_batch_size, plan.per_rank,
-                    self.dist.world_size, total_steps)
-
-        # Same seed on every rank for the weights it creates (LoRA A matrices): ZeRO-3 keeps
-        # each rank's own slice of them, so different draws would make an inconsistent model.
-        seed_everything(self.cfg.run.seed)
-        embedder = load_embedder(self.cfg.model, for_training=True)
-        engine = build_engine(embedder, self.cfg, self.stage, total_steps)
-        # Then one stream per rank for dropout, so ranks do not draw identical masks.
-        seed_everything(self.cfg.run.seed + 1 + self.dist.rank)
-        state = TrainerState(stage=self.name, world_size=self.dist.world_size,
-                             global_batch_size=plan.global_batch_size)
-        if resume_from is not None:
-            state = checkpoints.load(engine, resume_from)
-            self._check_resume_compatible(state, plan)
-            if state.world_size != self.dist.world_size:
-                # Same global batch, so the same batches in the same order (the plan does not
-                # depend on W) and the same loss; only per-rank dropout streams cannot carry over.
-                logger.warning("%s: resuming a checkpoint written on %d ranks on %d ranks; the "
-                               "data order and global batch are unchanged, dropout masks are "
-                               "drawn afresh", self.name, state.world_size,
-                               self.dist.world_size)
-                state.world_size = self.dist.world_size
-        elif self.init_from is not None:
-            load_weights_from(engine, self.init_from)
-            logger.info("%s starts from the weights of %s", self.name, self.init_from)
-        if contamination is not None and self.is_main:
-            (self.stage_dir / "decontamination.json").write_text(
-                json.dumps(contamination, indent=2))
-
-        with make_tracker(self.cfg, self.stage_dir, rank=self.dist.rank,
-                          resume_run_id=state.tracking_run_id, stage=self.name) as tracker:
-            tracker.log_params({"deepspeed": engine.ds_config})
-            self._train_steps(engine, embedder, GradCache(engine, self.stage.gradcache_chunk_size),
-                              examples, plan, total_steps, state, checkpoints, tracker)
-            final = checkpoints.latest()
-            dev = self.dev_spearman(embedder) if self.cfg.eval.dev else None
-            if dev is not None:
-                tracker.log_metrics({"eval/stsb_dev_spearman": dev}, step=state.step)
-                logger.info("%s: STS-B dev Spearman %.2f", self.name, dev)
-            logger.info("%s finished at step %d", self.name, state.step)
-            outcome = StageOutcome(
-                stage=self.name, steps=state.step, skipped_steps=state.skipped_steps,
-                final_loss=state.last_loss, stsb_dev_spearman=dev,
-                best_dev_spearman=state.best_dev_spearman, best_step=state.best_step,
-                seconds=time.perf_counter() - started, train_seconds=state.train_seconds,
-                final_checkpoint=str(final),
-                decontamination=contamination)
-            if self.is_main:
-                (self.stage_dir / "outcome.json").write_text(json.dumps(asdict(outcome),
-                                                                        indent=2))
-        return outcome, embedder, engine
-
-    def _train_steps(self, engine, embedder, cache, examples, plan, total_steps, state,
-                     checkpoints, tracker) -> None:
-        """The step loop, each step's token views made one step ahead (:mod:`.step_inputs`)."""
+    def train_steps(self, examples: list) -> None:
+        """Every step from ``state.step`` on; each step's token views are made one step ahead
+        in a thread (:mod:`pcc_dist.step_inputs`), then the components act on their cadence."""
         def produce(step: int):  # runs in the tokenise-ahead thread
-            rows = plan.rank_indices(step, self.dist.rank)
-            return self.views(embedder, [examples[i] for i in rows])
+            rows = self.plan.rank_indices(step, self.dist.rank)
+            return self.views(self.embedder, [examples[i] for i in rows])
 
-        with Prefetcher(produce, range(state.step, total_steps)) as ahead:
-            self._step_loop(engine, embedder, cache, ahead, plan, total_steps, state,
-                            checkpoints, tracker)
+        with Prefetcher(produce, range(self.state.step, self.total_steps)) as ahead:
+            self.loss = stage_loss(self.cfg, self.name)
+            bar = step_progress(self.total_steps, self.state.step, self.name,
+                                show=self.is_main and progress_enabled())
+            self.engine.train()
+            for step in range(self.state.step, self.total_steps):
+                record = self.train_step(step, ahead)
+                self.log.record(self.state, record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record.loss:.4f}")
+                # After logging, so the step that stops the run is on record.
+                if record.result.skipped:
+                    self._stop_if_diverged()
+                self.evaluator.evaluate_if_due(self.state)
+                self.checkpoints.save_if_due(self.engine, self.state, tracker=self.tracker,
+                                             last=self.state.step == self.total_steps)
+            bar.close()
 
-    def _step_loop(self, engine, embedder, cache, ahead, plan, total_steps, state, checkpoints,
-                   tracker) -> None:
-        loss_module = self.make_loss()
-        progress = _progress(total_steps, state.step, self.name,
-                             enabled=self.is_main and progress_enabled())
-        engine.train()
-        for step in range(state.step, total_steps):
-            tick = time.perf_counter()
-            views, scores = ahead.get(step)
-            loss_value = cache.run(engine.module, views, _bind_loss(loss_module, scores))
-            self.real_token_fraction = cache.real_token_fraction
-            result = engine.step()
-            state.step = step + 1
-            if result.skipped:
-                state.skipped_steps += 1
-                state.consecutive_nonfinite += 1
-            else:
-                state.consecutive_nonfinite = 0
-                state.last_loss = loss_value
-            seconds = time.perf_counter() - tick
-            state.train_seconds += seconds
-            batch_r = getattr(loss_module, "last_r", None) if scores is not None else None
-            self._log_step(tracker, state, loss_value, batch_r, result, views, seconds, plan)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}")
-            if result.skipped:  # after logging, so the step that stops the run is on record
-                self._stop_if_diverged(state, checkpoints)
+    def train_step(self, step: int, ahead: Prefetcher) -> StepRecord:
+        """One optimizer step (0-based ``step``) on the global batch; updates ``state``."""
+        tick = time.perf_counter()
+        views, scores = ahead.get(step)
+        loss_value = self.cache.run(self.engine.module, views, _bind_loss(self.loss, scores))
+        result = self.engine.step()
+        state = self.state
+        state.step = step + 1
+        if result.skipped:
+            state.skipped_steps += 1
+            state.consecutive_nonfinite += 1
+        else:
+            state.consecutive_nonfinite = 0
+            state.last_loss = loss_value
+        seconds = time.perf_counter() - tick
+        state.train_seconds += seconds
+        batch_r = getattr(self.loss, "last_r", None) if scores is not None else None
+        return StepRecord(loss=loss_value, result=result, views=views, seconds=seconds,
+                          real_token_fraction=self.cache.real_token_fraction, batch_r=batch_r)
 
-            if (self.cfg.eval.dev and self.cfg.eval.every_steps
-                    and state.step % self.cfg.eval.every_steps == 0):
-                self._evaluate_and_select(embedder, engine, tracker, state)
-            if state.step % self.cfg.checkpoint.every_steps == 0 or state.step == total_steps:
-                state.tracking_run_id = tracker.run_id
-                checkpoints.save(engine, state)
-        progress.close()
-
-    def _resume_point(self, checkpoints: CheckpointManager) -> Path | None:
-        """Clear writes that died, then pick the newest intact checkpoint (every rank the same
-        one; damaged ones are skipped with a warning), or None to start the stage afresh."""
-        checkpoints.remove_incomplete()
-        explicit = explicit_resume_point(self.cfg, self.name, checkpoints)
-        if explicit is not None:
-            return explicit
-        if self.cfg.checkpoint.resume != "auto":
-            return None
-        return checkpoints.latest_intact()
-
-    def _check_resume_compatible(self, state: TrainerState, plan: GlobalBatchPlan) -> None:
-        if state.global_batch_size != plan.global_batch_size:
-            raise TrainingError(
-                f"the checkpoint was written with global batch {state.global_batch_size}, this "
-                f"run uses {plan.global_batch_size}; resume with the same global_batch_size "
-                "(the data position is counted in global batches).")
-
-    def _stop_if_diverged(self, state: TrainerState, checkpoints: CheckpointManager) -> None:
+    def _stop_if_diverged(self) -> None:
+        state = self.state
         limit = self.cfg.train.max_consecutive_nonfinite
         if state.consecutive_nonfinite >= limit:
             # Every rank gets here at the same step: the skip decision comes from DeepSpeed's
             # all-reduced gradient norm (TrainEngine.step), never from a rank's own loss.
-            latest = checkpoints.latest()
+            latest = self.checkpoints.latest()
             where = (f"resume from {latest}" if latest is not None else
                      "no checkpoint was written yet, so start again")
             raise TrainingError(
@@ -346,66 +275,32 @@ class StageRunner:
         logger.warning("%s step %d: non-finite loss or gradient, step skipped on every rank "
                        "(%d in a row)", self.name, state.step, state.consecutive_nonfinite)
 
-    def _log_step(self, tracker, state, loss_value, batch_r, result, views, seconds, plan):
-        if state.step % self.cfg.train.log_every_steps and state.step != 1:
-            return
-        # Tokens of this rank times W: ranks hold equal batches of similar length, and an exact
-        # count would cost a collective per logged step for a throughput estimate.
-        tokens = sum(int(v["attention_mask"].sum()) for v in views) * self.dist.world_size
-        metrics = {
-            "train/loss": loss_value,
-            "train/lr": result.lr,
-            "train/grad_norm": result.grad_norm,
-            "train/skipped_steps": float(state.skipped_steps),
-            "perf/pairs_per_s": plan.global_batch_size / seconds,
-            "perf/tokens_per_s": tokens / seconds,
-            # This rank's real / processed token positions (pcc_dist.length_chunks).
-            "perf/real_token_fraction": self.real_token_fraction,
-        }
-        if batch_r is not None:
-            metrics["train/pearson_r"] = float(batch_r)
-        tracker.log_metrics(metrics, step=state.step)
-        if self.is_main and not progress_enabled():
-            # No progress bar in CI logs or pipes: a line per logged step instead.
-            logger.info("%s step %d/%d: loss %.4f, lr %.3g, %.1f pairs/s", self.name,
-                        state.step, self.total_steps, loss_value, result.lr,
-                        metrics["perf/pairs_per_s"])
+    # -- 5. finish -----------------------------------------------------------------------------
+    def finish(self, started: float, contamination: dict[str, Any] | None) -> StageOutcome:
+        """The final dev score and the stage's outcome, written to ``outcome.json`` on rank 0."""
+        state = self.state
+        final = self.checkpoints.latest()
+        dev = self.evaluator.final(state)
+        logger.info("%s finished at step %d", self.name, state.step)
+        outcome = StageOutcome(
+            stage=self.name, steps=state.step, skipped_steps=state.skipped_steps,
+            final_loss=state.last_loss, stsb_dev_spearman=dev,
+            best_dev_spearman=state.best_dev_spearman, best_step=state.best_step,
+            seconds=time.perf_counter() - started, train_seconds=state.train_seconds,
+            final_checkpoint=str(final), decontamination=contamination)
         if self.is_main:
-            # A plain local record of every logged step, readable without MLflow. A resumed run
-            # appends the steps after its checkpoint again; the last line of a step wins.
-            with open(self.stage_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": state.step} | metrics) + "\n")
-
-    def _evaluate_and_select(self, embedder, engine, tracker, state) -> None:
-        """STS-B dev score; a new best is exported to ``<stage>/best`` (selection on dev only,
-        never on the STS7 test sets)."""
-        from pcc_dist.modeling import save_embedder
-
-        dev = self.dev_spearman(embedder)
-        tracker.log_metrics({"eval/stsb_dev_spearman": dev}, step=state.step)
-        if state.best_dev_spearman is None or dev > state.best_dev_spearman:
-            state.best_dev_spearman, state.best_step = dev, state.step
-            state_dict = backbone_state_dict(engine)  # collective: every rank takes part
-            if self.is_main:
-                save_embedder(embedder, self.stage_dir / "best", state_dict=state_dict)
-            logger.info("%s step %d: new best STS-B dev Spearman %.2f, saved to %s", self.name,
-                        state.step, dev, self.stage_dir / "best")
+            (self.stage_dir / "outcome.json").write_text(json.dumps(asdict(outcome), indent=2))
+        return outcome
 
 
-def backbone_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The backbone's full (or adapter-only) state dict gathered from the ZeRO-3 partitions.
+def stage_loss(cfg: PccConfig, name: str):
+    """Stage 1's :class:`InfoNCELoss` or stage 2's :class:`PearsonLoss`, as ``loss.*`` says."""
+    from pcc_dist.losses import InfoNCELoss, PearsonLoss
 
-    The engine wraps the :class:`Embedder`, whose keys carry a ``backbone.`` prefix; the
-    backbone's ``save_pretrained`` expects its own keys. Under ZeRO-3 the module's own tensors
-    are empty partitions, so a key that does not match is not a harmless miss: the saved model
-    would be garbage. A collective call; ranks other than 0 get ``{}``.
-    """
-    prefix = "backbone."
-    gathered = engine.gathered_state_dict()
-    stray = [k for k in gathered if not k.startswith(prefix)]
-    if stray:
-        raise RuntimeError(f"unexpected non-backbone weights in the embedder: {stray[:3]}")
-    return {k[len(prefix):]: v for k, v in gathered.items()}
+    if name == "stage1":
+        return InfoNCELoss(temperature=cfg.loss.temperature, kernel=cfg.loss.kernel,
+                           chunk_size=cfg.loss.chunk_size)
+    return PearsonLoss(kernel=cfg.loss.kernel)
 
 
 def seed_everything(seed: int) -> None:
@@ -421,46 +316,64 @@ def _bind_loss(loss_module, scores: torch.Tensor | None):
     return lambda embeddings: loss_module(embeddings[0], embeddings[1], scores)
 
 
-def _progress(total: int, initial: int, name: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=name, unit="step", disable=not enabled)
-
-
 def run_training(cfg: PccConfig) -> dict[str, Any]:
     """Train every enabled stage, evaluate on STS7, export; returns the results document.
 
     Written to ``<output_dir>/results.json``; the final model goes to ``<output_dir>/model``
     (the run-folder layout that ``pcc-eval --model`` and ``pcc-export`` read).
     """
-    from pcc_dist.modeling import (
-        TRAINING_CONFIG_NAME,
-        TRAINING_MODEL_DIR,
-        check_model_files,
-        save_embedder,
-    )
-    from pcc_dist.tracking import make_tracker
-
     run_dir = Path(cfg.run.output_dir)
-    # Every rank, before the process group and any weight load: an unwritable or full output
-    # folder fails in seconds with its name, not after the first checkpoint interval. (Each rank
-    # probes with its own file, so a shared folder is fine.) Likewise a missing or damaged model
-    # folder (only small files and headers are read).
+    check_before_start(cfg, run_dir)
+    dist_info = start_process_group(cfg, run_dir)
+    data_root = resolve_data_root(cfg.data.root)
+    test_tasks = load_sts7(data_root) if cfg.data.decontaminate else None
+    outcomes, embedder, engine = train_stages(cfg, dist_info, data_root, test_tasks)
+    results: dict[str, Any] = {"stages": outcomes}
+    sts = score_sts7(cfg, embedder, dist_info, data_root)
+    if sts is not None:
+        results["sts"] = sts.to_json()
+    export_run(cfg, run_dir, embedder, engine, dist_info, results, sts)
+    shutdown_distributed()
+    return results
+
+
+def check_before_start(cfg: PccConfig, run_dir: Path) -> None:
+    """Fail in seconds on an unwritable or full output folder or a missing or damaged model.
+
+    Every rank, before the process group and any weight load, not after the first checkpoint
+    interval. (Each rank probes with its own file, so a shared folder is fine; of the model
+    folder only small files and headers are read.)
+    """
     from pcc_dist.memory_plan import checkpoint_space_needed
+    from pcc_dist.modeling import check_model_files
 
     needed, why = checkpoint_space_needed(cfg)
     logger.info("run.output_dir needs %.2f GiB free: %s", needed / 2**30, why)
     preflight_output_dir(run_dir, needed)
     check_model_files(cfg.model)
-    dist_info = _dist()
+
+
+def start_process_group(cfg: PccConfig, run_dir: Path):
+    """Join the process group; rank 0 writes the resolved config into the run folder."""
+    from pcc_dist.distributed import init_distributed
+    from pcc_dist.modeling import TRAINING_CONFIG_NAME
+
+    dist_info = init_distributed()
     if dist_info.rank == 0:
         (run_dir / TRAINING_CONFIG_NAME).write_text(cfg.to_yaml())
-    _barrier(dist_info.world_size)()
-    data_root = resolve_data_root(cfg.data.root)
-    test_tasks = load_sts7(data_root) if cfg.data.decontaminate else None
+    rank_barrier(dist_info.world_size)()
+    return dist_info
 
+
+def train_stages(cfg: PccConfig, dist_info, data_root: Path,
+                 test_tasks: dict | None) -> tuple[dict[str, Any], Any, Any]:
+    """Each enabled stage in order, each starting from the previous one's final checkpoint.
+
+    Returns:
+        ``({stage: outcome as a dict}, embedder, engine)`` of the last stage.
+    """
     outcomes: dict[str, Any] = {}
-    previous = _earlier_stage1(cfg, run_dir, dist_info)
+    previous = earlier_stage1(cfg, Path(cfg.run.output_dir), dist_info)
     embedder = engine = None
     for name in STAGES:
         if not getattr(cfg, name).enabled:
@@ -473,49 +386,36 @@ def run_training(cfg: PccConfig) -> dict[str, Any]:
         outcome, embedder, engine = runner.run()
         outcomes[name] = asdict(outcome)
         previous = Path(outcome.final_checkpoint)
-
-    results: dict[str, Any] = {"stages": outcomes}
-    if cfg.eval.tasks:
-        embedder.eval()
-        tasks = {n: t for n, t in load_sts7(data_root).items() if n in cfg.eval.tasks}
-        sts = evaluate_sts(ShardedEncoder(embedder, dist_info.rank, dist_info.world_size),
-                           tasks, batch_size=cfg.eval.batch_size)
-        results["sts"] = sts.to_json()
-    state_dict = backbone_state_dict(engine)  # collective: every rank takes part
-    if dist_info.rank == 0:
-        save_embedder(embedder, run_dir / TRAINING_MODEL_DIR, state_dict=state_dict)
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        if "sts" in results:
-            logger.info("STS results:\n%s", format_table(sts))
-        with make_tracker(cfg, run_dir, rank=0) as pipeline:
-            if "sts" in results:
-                pipeline.log_metrics({f"eval/sts/{k}": v for k, v in sts.spearman.items()}
-                                     | {"eval/sts/avg": sts.avg}, step=0)
-            pipeline.log_artifact(run_dir / "results.json", "eval")
-    shutdown_distributed()
-    return results
+    return outcomes, embedder, engine
 
 
-def _earlier_stage1(cfg: PccConfig, run_dir: Path, dist_info: Any) -> Path | None:
-    """Stage 1's final checkpoint from an earlier run in the same folder, when this run trains
-    stage 2 only (the two stages as two jobs, e.g. the mistral7b_qlora_stage{1,2} recipes)."""
-    if cfg.stage1.enabled or not cfg.stage2.enabled:
+def score_sts7(cfg: PccConfig, embedder, dist_info, data_root: Path):
+    """The final model's :class:`~pcc_dist.sts_protocol.StsResult` on ``eval.tasks`` (None if
+    empty); every rank embeds its share of the sentences."""
+    if not cfg.eval.tasks:
         return None
-    # The newest intact one: a damaged checkpoint is skipped (and set aside) as on resume.
-    found = CheckpointManager(run_dir / "stage1" / "checkpoints", 1, dist_info.rank,
-                              _barrier(dist_info.world_size)).latest_intact()
-    if found is None:
-        logger.info("stage 2 starts from %s (no stage-1 checkpoint in %s)",
-                    cfg.model.name_or_path, run_dir)
-    return found
+    embedder.eval()
+    tasks = {n: t for n, t in load_sts7(data_root).items() if n in cfg.eval.tasks}
+    return evaluate_sts(ShardedEncoder(embedder, dist_info.rank, dist_info.world_size),
+                        tasks, batch_size=cfg.eval.batch_size)
 
 
-def shutdown_distributed() -> None:
-    """Wait for every rank, then close the process group.
+def export_run(cfg: PccConfig, run_dir: Path, embedder, engine, dist_info,
+               results: dict[str, Any], sts) -> None:
+    """The final model to ``<run>/model`` and ``results.json`` (rank 0), the STS7 scores to the
+    run's tracker. Gathering the weights is a collective call: every rank takes part."""
+    from pcc_dist.modeling import TRAINING_MODEL_DIR, save_embedder
+    from pcc_dist.tracking import make_tracker
 
-    Without it a rank that finishes first exits while gloo still has a peer, and its process
-    aborts ("terminate called without an active exception"), failing the launcher.
-    """
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    state_dict = engine.backbone_state_dict()
+    if dist_info.rank != 0:
+        return
+    save_embedder(embedder, run_dir / TRAINING_MODEL_DIR, state_dict=state_dict)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if sts is not None:
+        logger.info("STS results:\n%s", format_table(sts))
+    with make_tracker(cfg, run_dir, rank=0) as pipeline:
+        if sts is not None:
+            pipeline.log_metrics({f"eval/sts/{k}": v for k, v in sts.spearman.items()}
+                                 | {"eval/sts/avg": sts.avg}, step=0)
+        pipeline.log_artifact(run_dir / "results.json", "eval")

@@ -278,16 +278,16 @@ def test_stage_two_starts_from_the_newest_intact_stage_one_checkpoint(tmp_path):
     from types import SimpleNamespace
 
     from pcc_dist.config import load_config
-    from pcc_dist.trainer import _earlier_stage1
+    from pcc_dist.stage_checkpoints import earlier_stage1
 
     stage1 = CheckpointManager(tmp_path / "stage1" / "checkpoints", keep_last=5, rank=0,
                                barrier=lambda: None)
     saved = _save_steps(stage1, 2, 4)
     cfg = load_config(None, ["stage1.enabled=false"])
     one_rank = SimpleNamespace(rank=0, world_size=1)
-    assert _earlier_stage1(cfg, tmp_path, one_rank) == saved[4]  # control: intact
+    assert earlier_stage1(cfg, tmp_path, one_rank) == saved[4]  # control: intact
     (saved[4] / "engine" / "w.pt").write_bytes(b"PK\x03\x04 cut")
-    assert _earlier_stage1(cfg, tmp_path, one_rank) == saved[2]
+    assert earlier_stage1(cfg, tmp_path, one_rank) == saved[2]
     assert (stage1.folder / "damaged-step-00000004").is_dir()
 
 

@@ -15,7 +15,7 @@ from pcc_dist.devices import DeviceError
 from pcc_dist.errors import PccError
 from pcc_dist.export_target import ExportError
 from pcc_dist.modeling import ModelError
-from pcc_dist.trainer import TrainingError
+from pcc_dist.stage_data import TrainingError
 
 
 def test_pcc_help_lists_every_subcommand(capsys):

@@ -40,10 +40,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "config": ("config_yaml", "config_build", "config_checks", "config_docs", "config"),
     # Run folders and checkpoints on disk.
     "checkpoint": ("checkpoint", "checkpoint_manager", "universal_checkpoint", "stage_memory",
-                   "resume_from"),
+                   "resume_from", "stage_checkpoints"),
     # What a step is made of: data, models, batches, STS scoring, tracking.
     "components": ("data", "modeling", "sampling", "step_inputs", "length_chunks", "gradcache",
-                   "sharded_encode", "sts_protocol", "evaluation", "tracking", "model_card"),
+                   "sharded_encode", "sts_protocol", "evaluation", "tracking", "model_card",
+                   "stage_data", "step_log", "dev_eval"),
     # DeepSpeed: the JSON resolver, optimizer and schedule, the world-size-portable checkpoint
     # state, the engine, the memory plan.
     "engine": ("ds_checks", "ds_hf_auto", "ds_config", "optim", "portable_state", "engine",

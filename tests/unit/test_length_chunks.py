@@ -235,22 +235,19 @@ def test_real_token_fraction_equals_the_forwarded_masks(encoder):
 
 
 def test_real_token_fraction_reaches_the_step_log(tmp_path):
-    """``_log_step`` writes the runner's last fraction to the tracker and metrics.jsonl."""
-    from pcc_dist.trainer import METRICS_FILE, StageRunner
+    """The step log writes the step's fraction to the tracker and metrics.jsonl."""
+    from pcc_dist.step_log import METRICS_FILE, StepLog, StepRecord
 
-    runner = StageRunner.__new__(StageRunner)
-    runner.cfg = SimpleNamespace(train=SimpleNamespace(log_every_steps=1))
-    runner.dist = SimpleNamespace(world_size=1)
-    runner.is_main, runner.stage_dir, runner.name, runner.total_steps = True, tmp_path, "s", 1
-    views = [padded([3, 7, 2, 7, 5], "right")]
-    plans = [plan_chunks(v, 2) for v in views]
-    runner.real_token_fraction = real_token_fraction(plans)
     logged = []
     tracker = SimpleNamespace(log_metrics=lambda m, step: logged.append(m))
+    log = StepLog(tracker, "s", tmp_path, 1, world_size=1, global_batch_size=5, total_steps=1,
+                  is_main=True)
+    views = [padded([3, 7, 2, 7, 5], "right")]
+    plans = [plan_chunks(v, 2) for v in views]
     result = SimpleNamespace(lr=1e-3, grad_norm=1.0)
     state = SimpleNamespace(step=1, skipped_steps=0)
-    runner._log_step(tracker, state, 0.5, None, result, views, 1.0,
-                     SimpleNamespace(global_batch_size=5))
+    log.record(state, StepRecord(loss=0.5, result=result, views=views, seconds=1.0,
+                                 real_token_fraction=real_token_fraction(plans)))
     line = json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[-1])
     want = 24 / (3 * 7 + 2 * 3)  # rows 1, 3, 4 padded to 7; rows 0, 2 to 3
     assert line["perf/real_token_fraction"] == pytest.approx(want)
