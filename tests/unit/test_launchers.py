@@ -114,10 +114,13 @@ def test_slurm_logs_where_sbatch_runs_and_binds_the_jobs_cpus(checkout):
     output = re.search(r"^#SBATCH --output=(\S+)$", script, re.MULTILINE).group(1)
     # Opened by Slurm before the script runs: no folder the script would have to create.
     assert "/" not in output
-    _exe(checkout / "bin" / "scontrol", 'echo node7; echo node8\n')
+    # A long node list (more than a pipe holds): the head node must not be read through a pipe
+    # that closes early, or scontrol's SIGPIPE ends the job under pipefail.
+    _exe(checkout / "bin" / "scontrol", "echo node7; printf 'node%s\\n' {8..40000}\n")
     _exe(checkout / "bin" / "srun", 'echo "srun $*"\n')
-    out = _run(checkout, "slurm.sbatch", "cfg.yaml", "run.seed=3", SLURM_JOB_NODELIST="node[7-8]",
-               SLURM_NNODES="2", SLURM_JOB_ID="42", SLURM_CPUS_PER_TASK="24")
+    out = _run(checkout, "slurm.sbatch", "cfg.yaml", "run.seed=3",
+               SLURM_JOB_NODELIST="node[7-40000]", SLURM_NNODES="39994", SLURM_JOB_ID="42",
+               SLURM_CPUS_PER_TASK="24")
     assert out.startswith("srun --kill-on-bad-exit=1 --cpus-per-task=24 ")
     assert "--rdzv_endpoint node7:29500" in out
     assert out.rstrip().endswith("launchers/train.py --config cfg.yaml run.seed=3")
