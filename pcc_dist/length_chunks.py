@@ -216,9 +216,9 @@ def pool_views(views: Sequence[TokenBatch]) -> PooledViews:
     keys = [sorted(view) for view in views]
     if any(k != keys[0] for k in keys):
         raise ValueError(f"views to pool must hold the same tensors, got {keys}")
-    sizes = tuple(int(view[MASK_KEY].shape[0]) if MASK_KEY in view
-                  else int(next(iter(view.values())).shape[0]) for view in views)
-    widths = [int(next(iter(view.values())).shape[-1]) for view in views]
+    shapes = [next(iter(view.values())).shape for view in views]  # [B_v, L_v] each
+    sizes = tuple(int(shape[0]) for shape in shapes)
+    widths = [int(shape[-1]) for shape in shapes]
     width = max(widths)
     left = padding_side(views) == "left"
     stacked = {}
