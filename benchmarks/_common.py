@@ -88,6 +88,12 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
+def repo_relative(path: Path) -> str:
+    """``path`` relative to the repository when inside it (portable in the JSON), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
 def write_result(name: str, document: dict[str, Any], results_dir: Path | None = None) -> Path:
     """Write ``results_dir/<name>.json`` atomically (temp file + rename).
 

@@ -61,7 +61,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO_ROOT, RESULTS_DIR, machine_facts, write_result  # noqa: E402
+from _common import REPO_ROOT, RESULTS_DIR, machine_facts, repo_relative, write_result  # noqa: E402
 
 logger = logging.getLogger("peer_quality")
 
@@ -77,12 +77,6 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "angle": ("ST AnglELoss", "AnglELoss"),
     "cosine": ("ST CosineSimilarityLoss", "CosineSimilarityLoss"),
 }
-
-
-def _rel(path: Path) -> str:
-    """``path`` relative to the repository when inside it (portable in the JSON), else as is."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +267,8 @@ def train_pcc(lr: float, out: Path, hp: dict[str, Any]) -> dict[str, Any]:
         stage wall time: data, engine set-up, steps, checkpoint, dev), "process_seconds",
         "steps", "final_loss", "trainer_dev", "command", "log"}``.
     """
-    overrides = [f"run.output_dir={_rel(out)}", f"run.seed={hp['seed']}", f"stage2.lr={lr}",
+    overrides = [f"run.output_dir={repo_relative(out)}", f"run.seed={hp['seed']}",
+                 f"stage2.lr={lr}",
                  f"stage2.epochs={hp['epochs']}", f"stage2.global_batch_size={hp['batch_size']}",
                  f"stage2.warmup_steps={hp['warmup_steps']}",
                  f"stage2.max_length={hp['max_length']}", "eval.tasks=[]",
@@ -308,7 +303,7 @@ def train_pcc(lr: float, out: Path, hp: dict[str, Any]) -> dict[str, Any]:
             "decontamination": outcome["decontamination"],
             "command": " ".join([".venv/bin/pcc-train", "--config",
                                  str(DEMO_CONFIG.relative_to(REPO_ROOT)), *overrides]),
-            "log": _rel(log)}
+            "log": repo_relative(log)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.manual_seed(args.seed)
                 trained = train_sentence_transformers(loss_name, pairs, lr, out, hp)
             dev = scorer.dev_spearman(scorer.load(folder))
-            candidate = {"lr": lr, "dev": dev, "folder": _rel(folder), **trained}
+            candidate = {"lr": lr, "dev": dev, "folder": repo_relative(folder), **trained}
             candidates[name].append(candidate)
             print(f"[{done}/{total}] {label}, lr {lr:g}: {trained['steps']} steps, trained in "
                   f"{trained['train_seconds']:.0f} s, STS-B dev {dev:.2f}  "

@@ -66,7 +66,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _common import REPO_ROOT, RESULTS_DIR, machine_facts, write_result  # noqa: E402
+from _common import REPO_ROOT, RESULTS_DIR, machine_facts, repo_relative, write_result  # noqa: E402
 from _throughput_st import ST_LOSSES, run_theirs  # noqa: E402
 
 logger = logging.getLogger("train_throughput")
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": results, "summary": summary, "ratios": ratios,
         "target": {"ours_over_theirs": 1.5, "goal": 2.0},
         "model_flops": flops, "mfu": mfu,
-        "plot": str(png.relative_to(REPO_ROOT)),
+        "plot": repo_relative(png),
     }
     path = write_result(args.out, document)
     for name, ratio in ratios.items():
