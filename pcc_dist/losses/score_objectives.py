@@ -7,7 +7,10 @@ in the objective only (``loss.stage2_objective``):
 - ``cosine_mse``: L = (1/N) Σᵢ (xᵢ − yᵢ)², sentence-transformers' ``CosineSimilarityLoss``
   (``MSELoss`` on the cosines). The targets must be on the cosine's scale: the trainer feeds the
   scores as ``data.score_scaling=per_source`` leaves them (STS-B s/5, SICK-R (s−1)/4, both in
-  [0, 1]; :func:`pcc_dist.data.rescale_scores`).
+  [0, 1]; :func:`pcc_dist.data.rescale_scores`). sentence-transformers' STS-B recipe regresses
+  onto s/5; we keep that for STS-B, but s/5 would put SICK-R's "unrelated" (1) at 0.2 while
+  STS-B's (0) sits at 0, two targets for one meaning in the same batch; (s−1)/4 gives both
+  sources the same ends. ``data.score_scaling=none`` with this objective is a config error.
 - ``cosent``: L = log(1 + Σ_{(i,j): yᵢ > yⱼ} exp(λ(xⱼ − xᵢ))), over every ordered pair of the
   global batch, sentence-transformers' ``CoSENTLoss`` (scale λ = 20 there). Only the order of the
   scores matters, so any per-source monotone scaling gives the same loss.
