@@ -126,6 +126,17 @@ class Settings:
     results_dir: Path
 
 
+DEFAULT_ROOT = REPO_ROOT / "runs" / "smollm2_arms"
+
+
+def _common_overrides(s: Settings) -> list[str]:
+    """Overrides of every pcc-train job: the MLflow store follows --root (the recipes keep it in
+    runs/smollm2_arms/mlflow.db), then the user's key=value list."""
+    tracking = [] if s.root == DEFAULT_ROOT else [
+        f"tracking.tracking_uri=sqlite:///{s.root / 'mlflow.db'}"]
+    return [*tracking, *s.overrides]
+
+
 def _lr_name(lr: float) -> str:
     return f"lr{lr:g}"
 
@@ -138,7 +149,7 @@ def stage1_job(s: Settings) -> Job:
         command.append(f"model.name_or_path={s.stage1_model}")
     if s.max_steps is not None:
         command.append(f"stage1.max_steps={s.max_steps}")
-    command += s.overrides
+    command += _common_overrides(s)
     return Job("stage1", "stage1", None, 42, run_dir, tuple(command), run_dir / "results.json")
 
 
@@ -162,7 +173,7 @@ def train_job(arm: str, lr: float, seed: int, s: Settings) -> Job:
     command = [str(BIN / "pcc-train"), "--config", str(CONFIGS / f"smollm2_arm_{arm}.yaml"),
                f"run.output_dir={run_dir}", f"run.name=smollm2_arm_{arm}_{_lr_name(lr)}_s{seed}",
                f"model.name_or_path={s.root / 'stage1'}", f"{stage}.lr={lr:g}",
-               f"run.seed={seed}", *_budget(arm, s), *s.overrides]
+               f"run.seed={seed}", *_budget(arm, s), *_common_overrides(s)]
     return Job(name, arm, lr, seed, run_dir, tuple(command), run_dir / "results.json")
 
 
@@ -409,7 +420,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, bool]:
     budget.add_argument("--max-steps", type=int, default=None,
                         help="optimizer steps of every run, the stage-1 checkpoint included "
                              "(smoke tests)")
-    parser.add_argument("--root", type=Path, default=REPO_ROOT / "runs" / "smollm2_arms",
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT,
                         help="folder of the run folders (default runs/smollm2_arms)")
     parser.add_argument("--stage1-model", default=None,
                         help="model of the stage-1 checkpoint run (default: its recipe's, "

@@ -143,6 +143,8 @@ def test_dry_run_prints_the_plan_and_runs_nothing(arms, capsys):
     lines = [line for line in out.splitlines() if line.startswith(".venv/bin/pcc-train")]
     assert len(lines) == 1 + 3 + 3 + 1 + 3 + 1  # stage 1, the grids, a second-seed example
     assert all("max_steps=2" in line for line in lines)
+    # Another --root keeps the MLflow store beside its run folders.
+    assert all(f"tracking.tracking_uri=sqlite:///{arms.root}/mlflow.db" in line for line in lines)
     assert sum("smollm2_arm_cosent.yaml" in line for line in lines) == 1
     control = next(line for line in lines if "stage1_continued" in line)
     assert "stage1.lr=0.0001" in control and "stage1.max_steps=2" in control
