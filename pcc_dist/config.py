@@ -169,6 +169,14 @@ class LossSettings:
     run it is an error."""
     chunk_size: int = 1024
     """Candidate block size of the chunked InfoNCE reference (memory O((B + C) * D))."""
+    stage2_objective: Literal["pearson", "cosine_mse", "cosent"] = "pearson"
+    """Stage-2 loss on the cosines x of the global batch: pearson = Pcc-tuning, 1 - Pearson r;
+    cosine_mse = mean (x - y)^2 (sentence-transformers' CosineSimilarityLoss; y as
+    data.score_scaling=per_source leaves it: STS-B s/5, SICK-R (s-1)/4, both in [0, 1]);
+    cosent = log(1 + sum over y_i > y_j of exp(cosent_scale * (x_j - x_i))) (CoSENTLoss)."""
+    cosent_scale: float = 20.0
+    """CoSENT scale lambda (sentence-transformers' default 20); only with stage2_objective
+    cosent."""
 
 
 @dataclass

@@ -124,6 +124,26 @@ def _check_kernel(kernel: str, problems: list[str]) -> None:
                         "loss.kernel=torch.")
 
 
+def _check_stage2_objective(cfg: Any, problems: list[str]) -> None:
+    """``loss.stage2_objective`` other than pearson: a scale that works, targets on the cosine's
+    scale, and no Triton request (these objectives have only the torch implementation)."""
+    loss = cfg.loss
+    if not (loss.cosent_scale > 0 and math.isfinite(loss.cosent_scale)):
+        problems.append(f"loss.cosent_scale: got {loss.cosent_scale}; use a positive value such "
+                        "as 20.")
+    if loss.stage2_objective == "pearson" or not cfg.stage2.enabled:
+        return
+    if loss.kernel == "triton":
+        problems.append(f"loss.kernel: 'triton' with loss.stage2_objective="
+                        f"{loss.stage2_objective!r}, which has no Triton kernel (it is computed "
+                        "on the N cosines in torch); use loss.kernel=auto (Triton for the other "
+                        "losses on CUDA) or loss.kernel=torch.")
+    if loss.stage2_objective == "cosine_mse" and cfg.data.score_scaling == "none":
+        problems.append("loss.stage2_objective: 'cosine_mse' with data.score_scaling='none'; the "
+                        "MSE regresses cosines onto the scores, which must be on the cosine's "
+                        "scale: use data.score_scaling=per_source (scores -> [0, 1]).")
+
+
 def check_config(cfg: Any, problems: list[str]) -> None:
     """Append one line per semantic problem of ``cfg``, a :class:`~pcc_dist.config.PccConfig`
     whose types already passed (this module does not import it: config.py imports this one)."""
@@ -163,6 +183,7 @@ def check_config(cfg: Any, problems: list[str]) -> None:
     if cfg.loss.chunk_size <= 0:
         problems.append(f"loss.chunk_size: got {cfg.loss.chunk_size}; use a positive integer.")
     _check_kernel(cfg.loss.kernel, problems)
+    _check_stage2_objective(cfg, problems)
     for name in ("stage1", "stage2"):
         _check_stage(name, getattr(cfg, name), problems)
     unknown = [t for t in cfg.eval.tasks if t not in STS7_TASKS]

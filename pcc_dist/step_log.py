@@ -56,11 +56,16 @@ class StepLog:
         global_batch_size: N, pairs per step.
         total_steps: The stage's step count, for the INFO line.
         is_main: Rank 0, the rank that writes files and INFO lines.
+        objective: The loss that ran (``infonce``, ``pearson``, ``cosine_mse``, ``cosent``):
+            logged as ``train/loss_<objective>`` beside ``train/loss`` and named in the INFO
+            line, so runs of different stage-2 objectives are told apart by their metrics.
     """
 
     def __init__(self, tracker, name: str, stage_dir: Path, every_steps: int, *,
-                 world_size: int, global_batch_size: int, total_steps: int, is_main: bool):
+                 world_size: int, global_batch_size: int, total_steps: int, is_main: bool,
+                 objective: str | None = None):
         self.tracker = tracker
+        self.objective = objective
         self.name = name
         self.stage_dir = stage_dir
         self.every_steps = every_steps
@@ -85,8 +90,9 @@ class StepLog:
         self.tracker.log_metrics(metrics, step=state.step)
         if self.is_main and not progress_enabled():
             # No progress bar in CI logs or pipes: a line per logged step instead.
-            logger.info("%s step %d/%d: loss %.4f, lr %.3g, %.1f pairs/s", self.name,
-                        state.step, self.total_steps, step.loss, step.result.lr,
+            logger.info("%s step %d/%d: %s loss %.4f, lr %.3g, %.1f pairs/s", self.name,
+                        state.step, self.total_steps, self.objective or "", step.loss,
+                        step.result.lr,
                         metrics["perf/pairs_per_s"])
         if self.is_main:
             # A plain local record of every logged step, readable without MLflow. A resumed run
@@ -108,6 +114,8 @@ class StepLog:
             "perf/tokens_per_s": tokens / step.seconds,
             "perf/real_token_fraction": step.real_token_fraction,
         }
+        if self.objective:
+            metrics[f"train/loss_{self.objective}"] = step.loss
         if step.batch_r is not None:
             metrics["train/pearson_r"] = float(step.batch_r)
         return metrics

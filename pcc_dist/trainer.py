@@ -203,7 +203,8 @@ class StageRunner:
         self.log = StepLog(tracker, self.name, self.stage_dir, self.cfg.train.log_every_steps,
                            world_size=self.dist.world_size,
                            global_batch_size=self.plan.global_batch_size,
-                           total_steps=self.total_steps, is_main=self.is_main)
+                           total_steps=self.total_steps, is_main=self.is_main,
+                           objective=stage_objective(self.cfg, self.name))
         self.evaluator = DevEvaluator(self.cfg, self.name, self.dist, self.data_root,
                                       self.stage_dir, self.embedder, self.engine, tracker)
         self.cache = GradCache(self.engine, self.stage.gradcache_chunk_size)
@@ -294,13 +295,23 @@ class StageRunner:
 
 
 def stage_loss(cfg: PccConfig, name: str):
-    """Stage 1's :class:`InfoNCELoss` or stage 2's :class:`PearsonLoss`, as ``loss.*`` says."""
-    from pcc_dist.losses import InfoNCELoss, PearsonLoss
+    """Stage 1's :class:`InfoNCELoss`; stage 2's :class:`PearsonLoss`, or the
+    ``loss.stage2_objective`` alternative (:mod:`pcc_dist.losses.score_objectives`)."""
+    from pcc_dist.losses import CoSENTLoss, CosineMSELoss, InfoNCELoss, PearsonLoss
 
     if name == "stage1":
         return InfoNCELoss(temperature=cfg.loss.temperature, kernel=cfg.loss.kernel,
                            chunk_size=cfg.loss.chunk_size)
+    if cfg.loss.stage2_objective == "cosine_mse":
+        return CosineMSELoss()
+    if cfg.loss.stage2_objective == "cosent":
+        return CoSENTLoss(scale=cfg.loss.cosent_scale)
     return PearsonLoss(kernel=cfg.loss.kernel)
+
+
+def stage_objective(cfg: PccConfig, name: str) -> str:
+    """The name of the loss ``name`` trains with: ``infonce`` or ``loss.stage2_objective``."""
+    return "infonce" if name == "stage1" else cfg.loss.stage2_objective
 
 
 def seed_everything(seed: int) -> None:

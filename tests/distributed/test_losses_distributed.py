@@ -4,7 +4,8 @@ One spawn (module fixture) runs every rank-side scenario; the tests compare its 
 same computation done here in one process on the union batch. Each rank embeds its own rows with
 a shared linear "encoder" θ, so the tests see both embedding gradients and the parameter gradient
 that DDP/DeepSpeed would average. Batches are uneven across ranks (5 + 6 Pearson pairs, 3 + 4
-InfoNCE triplets) to exercise the variable-size gather and the label offsets.
+InfoNCE triplets) to exercise the variable-size gather and the label offsets. The stage-2
+alternatives to Pearson (cosine MSE, CoSENT: loss.stage2_objective) run on the Pearson pairs.
 
 Gradient convention under test (pcc_dist.cross_rank): each rank's embedding gradient is
 W·∂L/∂(its embeddings), so after the (1/W) average of the parameter gradients the result equals the
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from helpers.spawn import run_ranks
 
 from pcc_dist.distributed import all_gather_with_grad, all_reduce_sum, get_rank, get_world_size
-from pcc_dist.losses import InfoNCELoss, PearsonLoss
+from pcc_dist.losses import CoSENTLoss, CosineMSELoss, InfoNCELoss, PearsonLoss
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 
@@ -78,6 +79,20 @@ def _pearson_step(data, rows, kernel="torch", grad_scale=None):
         "b": b.grad,
         "theta": theta.grad,
     }
+
+
+def _score_step(data, rows, name, grad_scale=None):
+    """A stage-2 alternative to Pearson (loss.stage2_objective) on the Pearson pairs."""
+    theta = data["theta"].clone().requires_grad_()
+    a, b = data["xa"][rows] @ theta, data["xb"][rows] @ theta
+    a.retain_grad()
+    b.retain_grad()
+    loss_fn = CoSENTLoss(grad_scale=grad_scale) if name == "cosent" else CosineMSELoss(
+        grad_scale=grad_scale)
+    # CoSENT's targets need only their order; the MSE's live on the cosine's scale (y / 5).
+    loss = loss_fn(a, b, data["y"][rows] / 5)
+    loss.backward()
+    return {"loss": loss.detach(), "a": a.grad, "b": b.grad, "theta": theta.grad}
 
 
 def _infonce_step(data, rows, negatives=True, kernel="torch", grad_scale=None):
@@ -203,6 +218,11 @@ def rank_worker(rank, world_size):
         fused["theta_avg"] = _ddp_average(fused["theta"])
         out[key], out[key + "_triton"] = res, fused
     out["infonce_no_neg"] = _infonce_step(data, i_rows, negatives=False)
+    for name in ("cosine_mse", "cosent"):
+        res = _score_step(data, p_rows, name)
+        res["theta_avg"] = _ddp_average(res["theta"])
+        res["theta_avg_unscaled"] = _ddp_average(_score_step(data, p_rows, name, 1.0)["theta"])
+        out[name] = res
     out["infonce_no_neg"]["theta_avg"] = _ddp_average(out["infonce_no_neg"]["theta"])
 
     # Collective counts: Pearson forward = one all-reduce of ≤ 8 numbers whatever B and D.
@@ -266,6 +286,8 @@ def single():
         "pearson": _pearson_step(data, everything),
         "infonce": _infonce_step(data, everything),
         "infonce_no_neg": _infonce_step(data, everything, negatives=False),
+        "cosine_mse": _score_step(data, everything, "cosine_mse"),
+        "cosent": _score_step(data, everything, "cosent"),
         "pearson_triton": _pearson_step(data32, everything),
         "infonce_triton": _infonce_step(data32, everything),
     }
@@ -279,11 +301,15 @@ EMBEDDINGS = {
     "pearson": (("a", "b"), PEARSON_SIZES),
     "infonce": (("anchors", "positives", "negatives"), INFONCE_SIZES),
     "infonce_no_neg": (("anchors", "positives"), INFONCE_SIZES),
+    "cosine_mse": (("a", "b"), PEARSON_SIZES),
+    "cosent": (("a", "b"), PEARSON_SIZES),
 }
 CASES = [
     ("pearson", 1e-10),
     ("infonce", 1e-10),
     ("infonce_no_neg", 1e-10),
+    ("cosine_mse", 1e-10),
+    ("cosent", 1e-10),
     ("pearson_triton", 1e-5),
     ("infonce_triton", 1e-5),
 ]
@@ -322,7 +348,7 @@ def test_averaged_parameter_gradient_equals_union_batch(ranks, single, case, rto
         _assert_close(res[case]["theta_avg"], want, rtol)
 
 
-@pytest.mark.parametrize("case", ["pearson", "infonce"])
+@pytest.mark.parametrize("case", ["pearson", "infonce", "cosine_mse", "cosent"])
 def test_control_unscaled_gradient_is_one_over_w(ranks, single, case):
     # The official Pcc-tuning convention: without the W factor DDP's average gives ∂L/∂θ / W.
     want = single[case]["theta"]
@@ -337,6 +363,19 @@ def test_control_per_rank_pearson_is_not_the_global_loss(single):
     for rank, res in enumerate(local):
         assert abs(res["loss"].item() - single["pearson"]["loss"].item()) > 1e-2
         want = W * single["pearson"]["a"][_rows(PEARSON_SIZES, rank)]
+        assert not torch.allclose(res["a"], want, rtol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["cosine_mse", "cosent"])
+def test_control_per_rank_score_objective_is_not_the_global_loss(single, case):
+    """Each rank's loss on its own pairs only (what a loss without the gather computes): CoSENT
+    misses the cross-rank pairs of pairs in value and gradient; the MSE, a mean of per-pair
+    terms, gets the value wrong and its gradient off by the rank's share N_r / N."""
+    data = _data()
+    local = [_score_step(data, _rows(PEARSON_SIZES, r), case) for r in range(W)]
+    for rank, res in enumerate(local):
+        assert abs(res["loss"].item() - single[case]["loss"].item()) > 1e-3
+        want = W * single[case]["a"][_rows(PEARSON_SIZES, rank)]
         assert not torch.allclose(res["a"], want, rtol=1e-3)
 
 

@@ -126,6 +126,11 @@ def test_all_problems_reported_at_once():
                                       "low < high"),
         (["data.score_range=[0, 1, 2]"], "data.score_range: got [0.0, 1.0, 2.0]"),
         (["data.score_range=[0, .inf]"], "data.score_range: got [0.0, inf]"),
+        (["loss.stage2_objective=mse"], "loss.stage2_objective: got 'mse', expected 'pearson' | "
+                                        "'cosine_mse' | 'cosent'."),
+        (["loss.cosent_scale=0"], "loss.cosent_scale: got 0.0; use a positive value"),
+        (["loss.stage2_objective=cosine_mse", "data.score_scaling=none"],
+         "loss.stage2_objective: 'cosine_mse' with data.score_scaling='none'"),
     ],
 )
 def test_each_error_message(overrides, expected):
@@ -250,6 +255,13 @@ def test_triton_kernel_without_cuda_is_a_config_error(monkeypatch):
     assert "Use kernel='auto' or kernel='torch'" in problem
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter (tests) stays allowed
     assert load_config(None, ["loss.kernel=triton"]).loss.kernel == "triton"
+    # The stage-2 alternatives to Pearson have no Triton kernel: asking for one is an error,
+    # unless stage 2 does not run.
+    problem = only_problem(["loss.kernel=triton", "loss.stage2_objective=cosent"])
+    assert problem.startswith("loss.kernel: 'triton' with loss.stage2_objective='cosent', which "
+                              "has no Triton kernel")
+    assert load_config(None, ["loss.kernel=triton", "loss.stage2_objective=cosent",
+                              "stage2.enabled=false"]).loss.kernel == "triton"
 
 
 def _help_text(capsys) -> str:

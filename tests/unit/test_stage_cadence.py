@@ -21,7 +21,7 @@ def test_step_log_writes_step_one_and_every_nth_step(tmp_path):
     logged = []
     tracker = SimpleNamespace(log_metrics=lambda m, step: logged.append((step, m)))
     log = StepLog(tracker, "stage2", tmp_path, 3, world_size=2, global_batch_size=4,
-                  total_steps=7, is_main=True)
+                  total_steps=7, is_main=True, objective="cosent")
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # 5 real tokens on this rank
     for step in range(1, 8):
         log.record(SimpleNamespace(step=step, skipped_steps=1),
@@ -36,6 +36,9 @@ def test_step_log_writes_step_one_and_every_nth_step(tmp_path):
     assert metrics["perf/pairs_per_s"] == pytest.approx(4 / 0.5)
     assert metrics["perf/tokens_per_s"] == pytest.approx(5 * 2 / 0.5)  # this rank's x W
     assert metrics["train/skipped_steps"] == 1.0 and metrics["train/pearson_r"] == 0.9
+    # The metric names the objective that ran (runs of different stage-2 losses side by side).
+    assert metrics["train/loss_cosent"] == metrics["train/loss"] == 0.25
+    assert lines[0]["train/loss_cosent"] == 0.25
 
 
 def test_step_log_of_other_ranks_writes_no_file(tmp_path):

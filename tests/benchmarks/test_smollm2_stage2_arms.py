@@ -1,0 +1,200 @@
+"""``benchmarks/smollm2_stage2_arms.py``: the plan, the lr choice by STS-B dev, the results JSON,
+skipping finished runs and continuing interrupted ones.
+
+The default-run tests replace ``pcc-train`` / ``pcc-eval`` by a fake that writes the files a
+finished job leaves behind (``results.json`` with the dev score, ``sts7.json``), with dev and
+test scores that disagree, so they check the driver's bookkeeping and choices, not training.
+The ``slow`` test runs the real commands on a tiny Llama, one step per run.
+"""
+
+import importlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import load_benchmark
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (arm, lr) -> (STS-B dev, STS7 avg): the best dev is never the best STS7, so a choice made on
+# the test sets would pick another lr.
+SCORES = {
+    ("pearson", 2e-4): (70.0, 90.0), ("pearson", 5e-4): (80.0, 60.0),
+    ("pearson", 1e-3): (75.0, 65.0),
+    ("cosine_mse", 2e-4): (60.0, 95.0), ("cosine_mse", 5e-4): (65.0, 50.0),
+    ("cosine_mse", 1e-3): (66.0, 51.0),
+    ("cosent", 2e-4): (79.0, 40.0), ("cosent", 5e-4): (78.0, 99.0),
+    ("cosent", 1e-3): (77.0, 98.0),
+    ("stage1_continued", 1e-4): (50.0, 80.0), ("stage1_continued", 2e-4): (55.0, 70.0),
+    ("stage1_continued", 5e-4): (54.0, 88.0),
+}
+
+
+def _arg(command, prefix):
+    return next(a.removeprefix(prefix) for a in command if a.startswith(prefix))
+
+
+@pytest.fixture
+def arms(tmp_path, monkeypatch):
+    module = importlib.reload(load_benchmark("smollm2_stage2_arms"))
+    module.jobs = []
+    module.fail = set()
+
+    def fake_run(command, log):
+        module.jobs.append(command)
+        if command[0].endswith("pcc-train"):
+            run = Path(_arg(command, "run.output_dir="))
+            run.mkdir(parents=True, exist_ok=True)
+            if run.name in module.fail:
+                return 1
+            arm = "stage1" if run.name == "stage1" else run.parent.name
+            seed = int(_arg(command, "run.seed=")) if arm != "stage1" else 42
+            lr = float(_arg(command, "stage1.lr=" if arm == "stage1_continued" else
+                            "stage2.lr=")) if arm != "stage1" else None
+            dev = SCORES[(arm, lr)][0] + (seed - 43) if lr else 40.0
+            stage = "stage1" if arm in ("stage1", "stage1_continued") else "stage2"
+            (run / "results.json").write_text(json.dumps({"stages": {stage: {
+                "steps": 83, "train_seconds": 10.0, "final_loss": 0.5,
+                "stsb_dev_spearman": dev}}}))
+        else:
+            out = Path(command[command.index("--json") + 1])
+            run = out.parent
+            arm = run.parent.name
+            lr = float(run.name.split("_seed")[0].removeprefix("lr")) if run.name != "stage1" \
+                else None
+            seed = int(run.name.split("_seed")[1]) if lr else 42
+            avg = SCORES[(arm, lr)][1] + (seed - 43) * 2 if lr else 30.0
+            out.write_text(json.dumps({"spearman": {"STSBenchmark": avg}, "avg": avg}))
+        return 0
+
+    monkeypatch.setattr(module, "launch", fake_run)
+    module.root = tmp_path / "arms"
+    module.results = tmp_path / "results"
+    return module
+
+
+def _main(arms, *extra):
+    return arms.main(["--root", str(arms.root), "--results-dir", str(arms.results), *extra])
+
+
+def _doc(arms):
+    return json.loads((arms.results / "smollm2_stage2_arms.json").read_text())
+
+
+def test_lr_is_chosen_by_dev_and_the_two_best_arms_get_a_second_seed(arms):
+    assert _main(arms) == 0
+    doc = _doc(arms)
+    chosen = {arm: entry["chosen_lr"] for arm, entry in doc["arms"].items()}
+    # By STS-B dev; the STS7 table would have chosen 2e-4, 2e-4, 5e-4, 1e-4.
+    assert chosen == {"pearson": 5e-4, "cosine_mse": 1e-3, "cosent": 2e-4,
+                      "stage1_continued": 2e-4}
+    assert doc["second_seed_arms"] == ["pearson", "cosent"]  # dev 80 and 79 at the chosen lr
+    assert doc["arms"]["pearson"]["dev_by_lr"] == {"0.0002": 70.0, "0.0005": 80.0, "0.001": 75.0}
+    # 22 jobs: stage 1 + its STS7, 12 grid runs, 4 STS7, 2 x (second seed + its STS7).
+    assert len(arms.jobs) == 22
+    assert len(doc["runs"]) == 1 + 12 + 2 and len(doc["sts7"]) == 1 + 4 + 2
+    assert {(e["run"], e["avg"]) for e in doc["arms"]["pearson"]["sts7"]} == {
+        ("pearson/lr0.0005/seed43", 60.0), ("pearson/lr0.0005/seed44", 62.0)}
+    assert doc["arms"]["pearson"]["seed_spread"] == {
+        "seeds": [43, 44], "sts7_avg": [60.0, 62.0], "mean": 61.0, "half_range": 1.0}
+    assert doc["arms"]["cosine_mse"]["seed_spread"] is None
+    row = next(r for r in doc["runs"] if r["run"] == "cosent/lr0.0002/seed43")
+    assert row["command"].startswith(".venv/bin/pcc-train --config launchers/configs/"
+                                     "smollm2_arm_cosent.yaml ")
+    assert "stage2.lr=0.0002" in row["command"] and "run.seed=43" in row["command"]
+    assert row["stsb_dev_spearman"] == 79.0 and row["wall_seconds"] >= 0
+    assert not row["resumed"]
+    assert doc["sts7"][0]["run"] == "stage1" and doc["sts7"][0]["command"].startswith(
+        ".venv/bin/pcc-eval --model ")
+    assert doc["machine"]["cpu_model"]
+
+
+def test_second_invocation_skips_finished_runs_and_keeps_their_walls(arms, capsys):
+    assert _main(arms) == 0
+    first = _doc(arms)
+    arms.jobs.clear()
+    assert _main(arms) == 0
+    assert arms.jobs == []
+    second = _doc(arms)
+    assert second["runs"] == first["runs"] and second["sts7"] == first["sts7"]
+    assert "[22/22] eval/cosent/lr0.0002/seed44: finished earlier, skipped" in \
+        capsys.readouterr().err
+
+
+def test_an_interrupted_run_is_continued_with_the_same_command(arms):
+    arms.fail = {"lr0.001_seed43"}
+    assert _main(arms, "--arms", "pearson") == 1  # the third grid run dies
+    ran = len(arms.jobs)
+    assert ran == 5  # stage 1, its STS7, three grid runs (the last failed)
+    failed = arms.jobs[-1]
+    arms.fail = set()
+    assert _main(arms, "--arms", "pearson") == 0
+    assert arms.jobs[ran] == failed  # continued: the same pcc-train command, first to run
+    row = next(r for r in _doc(arms)["runs"] if r["run"] == "pearson/lr0.001/seed43")
+    assert row["resumed"] and row["wall_seconds"] is None
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(arms, capsys):
+    assert _main(arms, "--dry-run", "--max-steps", "2", "--grid", "cosent=1e-4") == 0
+    out = capsys.readouterr().out
+    assert arms.jobs == [] and not arms.root.exists()
+    assert out.startswith("# 20 jobs")
+    lines = [line for line in out.splitlines() if line.startswith(".venv/bin/pcc-train")]
+    assert len(lines) == 1 + 3 + 3 + 1 + 3 + 1  # stage 1, the grids, a second-seed example
+    assert all("max_steps=2" in line for line in lines)
+    # Another --root keeps the MLflow store beside its run folders.
+    assert all(f"tracking.tracking_uri=sqlite:///{arms.root}/mlflow.db" in line for line in lines)
+    assert sum("smollm2_arm_cosent.yaml" in line for line in lines) == 1
+    control = next(line for line in lines if "stage1_continued" in line)
+    assert "stage1.lr=0.0001" in control and "stage1.max_steps=2" in control
+
+
+def test_epochs_scale_the_control_to_the_same_steps(arms, capsys):
+    assert _main(arms, "--dry-run", "--epochs", "0.5", "--arms", "pearson",
+                 "stage1_continued") == 0
+    out = capsys.readouterr().out
+    assert "stage2.epochs=0.5" in out
+    assert "stage1.max_steps=41" in out  # int(0.5 x 83), the stage-2 arms' 41 steps
+
+
+@pytest.mark.parametrize("bad", ["nope=1e-4", "pearson=", "pearson=fast", "pearson=-1"])
+def test_bad_grid_is_a_usage_error(arms, bad, capsys):
+    with pytest.raises(SystemExit) as info:
+        _main(arms, "--dry-run", "--grid", bad)
+    assert info.value.code == 2 and "--grid" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_end_to_end_on_a_tiny_llama(tmp_path):
+    """The real pcc-train / pcc-eval commands on a tiny Llama: one step per run, a 1-value grid
+    for two arms, STS-B only. Then a second invocation runs nothing."""
+    from helpers.tiny_models import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "llama", "llama")
+    tiny = ["model.lora.r=4", "model.max_length=16", "tracking.backend=none",
+            "eval.batch_size=64", "checkpoint.every_steps=1"] + [
+        f"{stage}.{key}" for stage in ("stage1", "stage2")
+        for key in ("global_batch_size=8", "gradcache_chunk_size=2", "max_length=16",
+                    "warmup_steps=0")]
+    argv = [str(ROOT / "benchmarks" / "smollm2_stage2_arms.py"), "--root", str(tmp_path / "r"),
+            "--results-dir", str(tmp_path / "res"), "--arms", "pearson", "cosent",
+            "--grid", "pearson=1e-3", "--grid", "cosent=1e-3", "--max-steps", "1",
+            "--stage1-model", str(model), "--eval-tasks", "STSBenchmark",
+            "--eval-batch-size", "64", "--", *tiny]
+    python = str(Path(__import__("sys").executable))
+    env = __import__("os").environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([python, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads((tmp_path / "res" / "smollm2_stage2_arms.json").read_text())
+    assert [r["run"] for r in doc["runs"]] == [
+        "stage1", "pearson/lr0.001/seed43", "cosent/lr0.001/seed43",
+        *(f"{a}/lr0.001/seed44" for a in doc["second_seed_arms"])]
+    assert all(r["steps"] == 1 and r["stsb_dev_spearman"] is not None for r in doc["runs"])
+    assert all(set(e["spearman"]) == {"STSBenchmark"} for e in doc["sts7"])
+    # The stage-1 run folder is read, never written, by the arms: its model/ is its own.
+    assert not (tmp_path / "r" / "stage1" / "stage2").exists()
+    again = subprocess.run([python, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 10
