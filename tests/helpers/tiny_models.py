@@ -209,3 +209,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class AutogradEngine:
+    """The engine surface :class:`pcc_dist.gradcache.GradCache` uses, without DeepSpeed:
+    calling runs the module, ``backward`` accumulates plain autograd gradients."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, **batch: Any) -> Any:
+        return self.module(**batch)
+
+    def backward(self, loss: torch.Tensor, *, boundary: bool, loss_value: Any) -> None:
+        loss.backward()
+
+
+def tiny_mean_encoder() -> Any:
+    """A tiny BERT :class:`~pcc_dist.modeling.Embedder` with mean pooling, fully trainable."""
+    from pcc_dist.modeling import Embedder
+
+    tokenizer = word_tokenizer("bert")
+    backbone = tiny_model("bert", tokenizer)
+    backbone.pooler = None  # unused by mean pooling (it would have no gradient)
+    return Embedder(backbone, tokenizer, kind="encoder", pooling="mean")

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers.tiny_models import (
+    AutogradEngine,
     one_thread,  # noqa: F401  (module fixture, applied through pytestmark)
-    tiny_model,
-    word_tokenizer,
+    tiny_mean_encoder,
 )
 
 from pcc_dist.gradcache import GradCache
@@ -159,27 +159,9 @@ def test_padding_side_refuses_views_padded_on_both_sides():
 # -- GradCache in one process (no DeepSpeed) ---------------------------------------------------
 
 
-class _Engine:
-    """The engine surface GradCache uses: ``backward`` accumulates plain autograd gradients."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, **batch):
-        return self.module(**batch)
-
-    def backward(self, loss, *, boundary, loss_value):
-        loss.backward()
-
-
 @pytest.fixture(scope="module")
 def encoder():
-    from pcc_dist.modeling import Embedder
-
-    tokenizer = word_tokenizer("bert")
-    backbone = tiny_model("bert", tokenizer)
-    backbone.pooler = None  # unused by mean pooling
-    return Embedder(backbone, tokenizer, kind="encoder", pooling="mean")
+    return tiny_mean_encoder()
 
 
 def _views(embedder):
@@ -206,7 +188,7 @@ def _run(embedder, views, cache: GradCache):
 def test_skip_one_chunk_per_view_is_the_plain_path(encoder):
     """C >= B: no second forward; the views' rows pooled in groups of ``plain_rows``, the same
     forwards and gradients as the plain path (chunk_size 0)."""
-    cache_engine = _Engine(encoder)
+    cache_engine = AutogradEngine(encoder)
     views = _views(encoder)
     rows = views[0]["input_ids"].shape[0]
     plain = _run(encoder, views, GradCache(cache_engine, 0, plain_rows=4))
@@ -224,7 +206,7 @@ def test_skip_one_chunk_per_view_is_the_plain_path(encoder):
 
 def test_real_token_fraction_equals_the_forwarded_masks(encoder):
     views = _views(encoder)
-    cache = GradCache(_Engine(encoder), 0, plain_rows=2)
+    cache = GradCache(AutogradEngine(encoder), 0, plain_rows=2)
     _, _, seen = _run(encoder, views, cache)
     assert len(seen) == 12 // 2  # both views' rows pooled, 2 per forward
     want = sum(int(m.sum()) for m in seen) / sum(m.numel() for m in seen)

@@ -14,9 +14,9 @@ import warnings
 import pytest
 import torch
 from helpers.tiny_models import (
+    AutogradEngine,
     one_thread,  # noqa: F401  (module fixture, applied through pytestmark)
-    tiny_model,
-    word_tokenizer,
+    tiny_mean_encoder,
 )
 
 from pcc_dist.config import load_config
@@ -170,27 +170,9 @@ def test_stage_loss_follows_the_config(objective, cls):
     assert type(stage_loss(cfg, "stage1")).__name__ == "InfoNCELoss"
 
 
-class _Engine:
-    """The engine surface GradCache uses: ``backward`` accumulates plain autograd gradients."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, **batch):
-        return self.module(**batch)
-
-    def backward(self, loss, *, boundary, loss_value):
-        loss.backward()
-
-
 @pytest.fixture(scope="module")
 def encoder():
-    from pcc_dist.modeling import Embedder
-
-    tokenizer = word_tokenizer("bert")
-    backbone = tiny_model("bert", tokenizer)
-    backbone.pooler = None  # unused by mean pooling (it would have no gradient)
-    return Embedder(backbone, tokenizer, kind="encoder", pooling="mean")
+    return tiny_mean_encoder()
 
 
 def _step(encoder, objective, chunk):
@@ -202,7 +184,7 @@ def _step(encoder, objective, chunk):
     scores = torch.tensor([0.8, 0.1, 0.6, 0.6, 0.0, 0.7])
     cfg = load_config(None, [f"loss.stage2_objective={objective}"])
     encoder.zero_grad()
-    value = GradCache(_Engine(encoder), chunk).run(
+    value = GradCache(AutogradEngine(encoder), chunk).run(
         encoder, views, _bind_loss(stage_loss(cfg, "stage2"), scores))
     return value, {n: p.grad.clone() for n, p in encoder.named_parameters()
                    if not n.endswith("key.bias")}  # exactly-zero gradients: noise only
