@@ -204,6 +204,10 @@ def test_pcc_eval_unknown_task_is_blamed_on_the_flag():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without "
                                                       "CUDA")
+# Slow tier: the same check in process is tests/unit/test_config.py::
+# test_triton_kernel_without_cuda_is_a_config_error (message, and the interpreter control);
+# this one adds the subprocess's stderr for a recipe file and an override.
+@pytest.mark.slow
 def test_triton_kernel_without_cuda_is_refused_at_validate_time(tmp_path):
     # Was: accepted by --validate, then a RuntimeError traceback when the loss was built.
     refused(cli("pcc-train", "--validate", "loss.kernel=triton", unset=("TRITON_INTERPRET",)),
@@ -217,6 +221,8 @@ def test_triton_kernel_without_cuda_is_refused_at_validate_time(tmp_path):
     accepted(cli("pcc-train", "--validate", "loss.kernel=triton", TRITON_INTERPRET="1"))
 
 
+# Slow tier: in process, tests/unit/test_config.py::test_text_fields_take_the_override_as_typed.
+@pytest.mark.slow
 def test_custom_template_override_is_taken_as_typed():
     # Was: "model.template: got {'Query': {'s': None}}": the override was parsed as YAML.
     proc = accepted(cli("pcc-train", "--validate", "model.template=Query: {s}",
@@ -228,6 +234,10 @@ def test_custom_template_override_is_taken_as_typed():
             "`model.template=Query: {x}`)")
 
 
+# Slow tier: in process, tests/unit/test_config.py::
+# test_header_names_only_the_overrides_when_the_file_is_fine and
+# test_problems_name_the_override_that_caused_them.
+@pytest.mark.slow
 def test_problems_from_overrides_name_the_override_not_the_yaml_file(tmp_path_factory):
     # Was: "1 configuration problem(s) in launchers/configs/tiny_cpu.yaml: - stage2.lr: ...".
     stderr = refused(cli("pcc-train", "--config", str(CONFIG), "--validate", "stage2.lr=-1"),
