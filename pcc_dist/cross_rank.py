@@ -92,7 +92,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _collective_device(group: dist.ProcessGroup | None, like: torch.device) -> torch.device:
+def collective_device(group: dist.ProcessGroup | None, like: torch.device) -> torch.device:
     """Device for small staging tensors: the data's device for NCCL, CPU for gloo."""
     if get_world_size(group) > 1 and dist.get_backend(group) == "nccl":
         return like
@@ -190,7 +190,7 @@ def pearson_global_stats(
     Raises:
         ValueError: Fewer than two pairs over the global batch.
     """
-    sums = local_sums.to(device=_collective_device(group, local_sums.device), dtype=torch.float64)
+    sums = local_sums.to(device=collective_device(group, local_sums.device), dtype=torch.float64)
     all_reduce_sum(sums, group)
     n, s_x, s_y, s_xy, s_xx, s_yy = sums.tolist()
     if n < 2:
@@ -345,7 +345,7 @@ def global_infonce(
     has_negatives = hard_negatives is not None
     if world_size > 1:
         info = all_gather_sizes(
-            [anchors.shape[0], int(has_negatives)], group, _collective_device(group, anchors.device)
+            [anchors.shape[0], int(has_negatives)], group, collective_device(group, anchors.device)
         )
         if len({row[1] for row in info}) != 1:
             raise ValueError(

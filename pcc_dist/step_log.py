@@ -63,7 +63,7 @@ class StepLog:
 
     def __init__(self, tracker, name: str, stage_dir: Path, every_steps: int, *,
                  world_size: int, global_batch_size: int, total_steps: int, is_main: bool,
-                 objective: str | None = None):
+                 objective: str):
         self.tracker = tracker
         self.objective = objective
         self.name = name
@@ -91,7 +91,7 @@ class StepLog:
         if self.is_main and not progress_enabled():
             # No progress bar in CI logs or pipes: a line per logged step instead.
             logger.info("%s step %d/%d: %s loss %.4f, lr %.3g, %.1f pairs/s", self.name,
-                        state.step, self.total_steps, self.objective or "", step.loss,
+                        state.step, self.total_steps, self.objective, step.loss,
                         step.result.lr,
                         metrics["perf/pairs_per_s"])
         if self.is_main:
@@ -114,8 +114,7 @@ class StepLog:
             "perf/tokens_per_s": tokens / step.seconds,
             "perf/real_token_fraction": step.real_token_fraction,
         }
-        if self.objective:
-            metrics[f"train/loss_{self.objective}"] = step.loss
+        metrics[f"train/loss_{self.objective}"] = step.loss
         if step.batch_r is not None:
             metrics["train/pearson_r"] = float(step.batch_r)
         return metrics

@@ -43,7 +43,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pcc_dist.cross_rank import DEFAULT_EPS, check_pearson_inputs, compute_dtype, resolve_grad_scale
+from pcc_dist.cross_rank import (
+    DEFAULT_EPS,
+    check_pearson_inputs,
+    collective_device,
+    compute_dtype,
+    resolve_grad_scale,
+)
 from pcc_dist.distributed import all_gather_sizes, all_gather_with_grad, get_rank, get_world_size
 
 __all__ = [
@@ -115,10 +121,8 @@ def _gather_pairs(x: torch.Tensor, y: torch.Tensor, group: dist.ProcessGroup | N
     pairs = torch.stack([x.detach().double(), y.detach().double()], dim=1)
     if get_world_size(group) == 1:
         return pairs[:, 0], pairs[:, 1], 0
-    nccl = dist.get_backend(group) == "nccl"
-    staging = pairs if nccl else pairs.cpu()
-    sizes = [row[0] for row in all_gather_sizes([pairs.shape[0]], group,
-                                                staging.device if nccl else None)]
+    staging = pairs.to(collective_device(group, pairs.device))
+    sizes = [row[0] for row in all_gather_sizes([pairs.shape[0]], group, staging.device)]
     gathered = all_gather_with_grad(staging, group, sizes).to(x.device)
     return gathered[:, 0], gathered[:, 1], sum(sizes[: get_rank(group)])
 

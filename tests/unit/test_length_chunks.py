@@ -223,7 +223,7 @@ def test_real_token_fraction_reaches_the_step_log(tmp_path):
     logged = []
     tracker = SimpleNamespace(log_metrics=lambda m, step: logged.append(m))
     log = StepLog(tracker, "s", tmp_path, 1, world_size=1, global_batch_size=5, total_steps=1,
-                  is_main=True)
+                  is_main=True, objective="pearson")
     views = [padded([3, 7, 2, 7, 5], "right")]
     plans = [plan_chunks(v, 2) for v in views]
     result = SimpleNamespace(lr=1e-3, grad_norm=1.0)

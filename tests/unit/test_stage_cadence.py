@@ -44,7 +44,7 @@ def test_step_log_writes_step_one_and_every_nth_step(tmp_path):
 def test_step_log_of_other_ranks_writes_no_file(tmp_path):
     tracker = SimpleNamespace(log_metrics=lambda m, step: None)
     log = StepLog(tracker, "stage1", tmp_path, 1, world_size=2, global_batch_size=4,
-                  total_steps=1, is_main=False)
+                  total_steps=1, is_main=False, objective="infonce")
     log.record(SimpleNamespace(step=1, skipped_steps=0),
                StepRecord(loss=0.1, result=SimpleNamespace(lr=1e-3, grad_norm=1.0),
                           views=[{"attention_mask": torch.ones(2, 2)}], seconds=1.0,
