@@ -18,6 +18,12 @@ Steps, each a ``pcc-train`` / ``pcc-eval`` subprocess from the repository root:
 4. the two arms with the best dev score at their chosen lr again with seed 44, STS7 by
    ``pcc-eval``; the seed spread per arm is the half range of its two STS7 averages.
 
+The grid runs middle lr first, arm by arm (every arm at its grid's middle, then the other lrs),
+so a plan cut short still compares every arm. ``--lanes N`` runs N jobs at once, each with
+``OMP_NUM_THREADS`` = usable CPUs // N: on a small CPU two one-thread runs do more steps per hour
+than one two-thread run (measured: README). A failed job starts nothing new; the jobs already
+running finish, then the driver exits 1 naming it.
+
 ``benchmarks/results/smollm2_stage2_arms.json`` is rewritten after every finished run with the
 exact commands, wall times, dev and STS7 scores and the seed spread. Resumable: a run whose
 ``results.json`` (training) or ``sts7.json`` (evaluation) exists is skipped; a run folder without
@@ -28,6 +34,7 @@ goes to ``<root>/logs/<run>.log``; progress lines (run i of n, elapsed) go to st
 Usage:
     python benchmarks/smollm2_stage2_arms.py                 # everything (CPU-days here)
     python benchmarks/smollm2_stage2_arms.py --dry-run       # the plan, nothing runs
+    python benchmarks/smollm2_stage2_arms.py --lanes 2       # two runs at once, 1 thread each
     python benchmarks/smollm2_stage2_arms.py --arms pearson cosent --grid pearson=5e-4,1e-3
     python benchmarks/smollm2_stage2_arms.py --max-steps 2 --root runs/arms_smoke -- KEY=VALUE
 Rerun the same command to continue after an interruption.
@@ -38,10 +45,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +135,7 @@ class Settings:
     eval_tasks: str | None
     eval_batch_size: int
     results_dir: Path
+    lanes: int = 1
 
 
 DEFAULT_ROOT = REPO_ROOT / "runs" / "smollm2_arms"
@@ -188,9 +200,20 @@ def eval_job(trained: Job, s: Settings) -> Job:
                tuple(command), out)
 
 
+def middle_first(count: int) -> list[int]:
+    """Grid positions in run order: the middle one, then the others in order (3 -> [1, 0, 2])."""
+    middle = count // 2
+    return [middle, *(i for i in range(count) if i != middle)]
+
+
 def grid_jobs(s: Settings) -> list[Job]:
-    """Step 2: every arm x every lr of its grid, first seed."""
-    return [train_job(arm, lr, SEEDS[0], s) for arm in s.arms for lr in s.grid[arm]]
+    """Step 2: every arm x every lr of its grid, first seed; each arm's middle lr first, then
+    the next position of every arm, so that a plan cut short has compared every arm."""
+    jobs = []
+    for position in middle_first(max(len(s.grid[arm]) for arm in s.arms)):
+        jobs += [train_job(arm, s.grid[arm][position], SEEDS[0], s)
+                 for arm in s.arms if position < len(s.grid[arm])]
+    return jobs
 
 
 def planned_count(s: Settings) -> int:
@@ -259,10 +282,18 @@ def seed_spread(evals: list[dict[str, Any]]) -> dict[str, Any] | None:
 # -- running -----------------------------------------------------------------------------------
 
 
-def launch(command: list[str], log) -> int:
-    """Run ``command`` from the repository root, its output appended to ``log``; the exit code."""
+def launch(command: list[str], log, threads: int | None = None) -> int:
+    """Run ``command`` from the repository root, its output appended to ``log``; the exit code.
+
+    ``threads`` sets the job's ``OMP_NUM_THREADS`` (torch's intra-op threads); None inherits ours.
+    """
+    env = None if threads is None else os.environ | {"OMP_NUM_THREADS": str(threads)}
     return subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                          check=False).returncode
+                          env=env, check=False).returncode
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 class Driver:
@@ -270,6 +301,9 @@ class Driver:
 
     def __init__(self, s: Settings):
         self.s = s
+        # One lane inherits the caller's OMP_NUM_THREADS; N lanes split the CPUs between them.
+        self.threads = None if s.lanes == 1 else max(1, usable_cpus() // s.lanes)
+        self.lock = threading.Lock()  # the job counter and the progress lines, across lanes
         self.total = planned_count(s)
         self.index = 0
         self.started = time.perf_counter()
@@ -296,28 +330,56 @@ class Driver:
 
     def run(self, job: Job) -> None:
         """Run ``job`` unless it finished before; an interrupted training run is continued."""
-        self.index += 1
-        if job.finished:
-            self.walls[job.key] = self.earlier.get(job.key, (None, False))
-            self.progress(job, "finished earlier, skipped")
-            return
-        resumed = job.command[0].endswith("pcc-train") and job.run_dir.is_dir()
-        self.progress(job, "resuming from its newest checkpoint" if resumed else "running")
+        with self.lock:
+            self.index += 1
+            if job.finished:
+                self.walls[job.key] = self.earlier.get(job.key, (None, False))
+                self.progress(job, "finished earlier, skipped")
+                return
+            resumed = job.command[0].endswith("pcc-train") and job.run_dir.is_dir()
+            self.progress(job, "resuming from its newest checkpoint" if resumed else "running")
         log = self.s.root / "logs" / f"{job.key.replace('/', '_')}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(log, "a", encoding="utf-8") as handle:
             handle.write(f"$ {job.shown()}\n")
             handle.flush()
-            code = launch(list(job.command), handle)
+            code = launch(list(job.command), handle, self.threads)
         wall = time.perf_counter() - start
         if code != 0 or not job.finished:
             tail = "".join(log.read_text(errors="replace").splitlines(True)[-30:])
             raise RuntimeError(f"{job.key} exited {code} (log {log}); rerun this command to "
                                f"continue it from its newest checkpoint. Last lines:\n{tail}")
         # A resumed run's wall time covers only what was left of it.
-        self.walls[job.key] = (None if resumed else wall, resumed)
-        self.progress(job, f"done in {wall:.0f} s")
+        with self.lock:
+            self.walls[job.key] = (None if resumed else wall, resumed)
+            self.progress(job, f"done in {wall:.0f} s")
+
+    def run_all(self, jobs: Sequence[Job], finished: Callable[[Job], None]) -> None:
+        """Run ``jobs`` (independent of each other), ``s.lanes`` at a time, in list order;
+        ``finished(job)`` after each, under the lock. After a failure no new job starts; the
+        running ones finish, then the first failure is raised."""
+        failures: list[RuntimeError] = []
+
+        def one(job: Job) -> None:
+            if failures:
+                return
+            try:
+                self.run(job)
+            except RuntimeError as exc:
+                failures.append(exc)
+                return
+            with self.lock:
+                finished(job)
+
+        if self.s.lanes == 1:
+            for job in jobs:
+                one(job)
+        else:
+            with ThreadPoolExecutor(max_workers=self.s.lanes) as pool:
+                list(pool.map(one, jobs))
+        if failures:
+            raise failures[0]
 
 
 def document(s: Settings, driver: Driver, trained: list[Job], evaluated: list[Job],
@@ -351,26 +413,23 @@ def execute(s: Settings) -> dict[str, Any]:
     chosen: dict[str, Job] = {}
     second: list[str] = []
 
-    def step(job: Job) -> None:
-        driver.run(job)
+    def record(job: Job) -> None:
         (evaluated if job.key.startswith("eval/") else trained).append(job)
         write_result(RESULT_NAME, document(s, driver, trained, evaluated, chosen, second),
                      s.results_dir)
 
     stage1 = stage1_job(s)
-    step(stage1)
-    step(eval_job(stage1, s))
+    driver.run_all([stage1], record)
+    driver.run_all([eval_job(stage1, s)], record)
     grid = grid_jobs(s)
-    for job in grid:
-        step(job)
+    driver.run_all(grid, record)
     for arm in s.arms:
         chosen[arm] = choose_lr([j for j in grid if j.arm == arm])
-        step(eval_job(chosen[arm], s))
+    driver.run_all([eval_job(chosen[arm], s) for arm in s.arms], record)
     second.extend(best_arms(chosen))
-    for arm in second:
-        again = train_job(arm, chosen[arm].lr, SEEDS[1], s)
-        step(again)
-        step(eval_job(again, s))
+    again = [train_job(arm, chosen[arm].lr, SEEDS[1], s) for arm in second]
+    driver.run_all(again, record)
+    driver.run_all([eval_job(job, s) for job in again], record)
     return document(s, driver, trained, evaluated, chosen, second)
 
 
@@ -429,6 +488,9 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, bool]:
                         help="pcc-eval --tasks (default: all seven STS tasks)")
     parser.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--lanes", type=int, default=1,
+                        help="jobs run at once, each with OMP_NUM_THREADS = usable CPUs // lanes "
+                             "(default 1: one job, the caller's OMP_NUM_THREADS)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides for every pcc-train run (after --)")
@@ -437,12 +499,15 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, bool]:
         parser.error("--max-steps must be >= 1")
     if args.epochs is not None and args.epochs <= 0:
         parser.error("--epochs must be positive")
+    if args.lanes < 1:
+        parser.error("--lanes must be >= 1")
     grid = dict(DEFAULT_GRID) | dict(args.grid)
     root = args.root if args.root.is_absolute() else REPO_ROOT / args.root
     settings = Settings(root=root, arms=tuple(args.arms), grid=grid, epochs=args.epochs,
                         max_steps=args.max_steps, stage1_model=args.stage1_model,
                         overrides=tuple(args.overrides), eval_tasks=args.eval_tasks,
-                        eval_batch_size=args.eval_batch_size, results_dir=args.results_dir)
+                        eval_batch_size=args.eval_batch_size, results_dir=args.results_dir,
+                        lanes=args.lanes)
     return settings, args.dry_run
 
 

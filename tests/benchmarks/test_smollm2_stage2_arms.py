@@ -10,6 +10,7 @@ The ``slow`` test runs the real commands on a tiny Llama, one step per run.
 import importlib
 import json
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,13 +41,18 @@ def arms(tmp_path, monkeypatch):
     module = importlib.reload(load_benchmark("smollm2_stage2_arms"))
     module.jobs = []
     module.fail = set()
+    module.threads = []
+    module.barrier = None
 
-    def fake_run(command, log):
+    def fake_run(command, log, threads=None):
         module.jobs.append(command)
+        module.threads.append(threads)
         if command[0].endswith("pcc-train"):
             run = Path(_arg(command, "run.output_dir="))
             run.mkdir(parents=True, exist_ok=True)
-            if run.name in module.fail:
+            if module.barrier is not None and run.name == "lr0.0005_seed43":
+                module.barrier.wait(timeout=30)  # the lanes' first two runs overlap in time
+            if {run.name, f"{run.parent.name}/{run.name}"} & module.fail:
                 return 1
             arm = "stage1" if run.name == "stage1" else run.parent.name
             seed = int(_arg(command, "run.seed=")) if arm != "stage1" else 42
@@ -110,6 +116,58 @@ def test_lr_is_chosen_by_dev_and_the_two_best_arms_get_a_second_seed(arms):
     assert doc["machine"]["cpu_model"]
 
 
+def test_grid_runs_every_arms_middle_lr_first(arms):
+    assert _main(arms) == 0
+    grid = [(_arg(c, "run.output_dir=").split("/")[-2], _arg(c, "run.output_dir=").split("/")[-1])
+            for c in arms.jobs[2:14]]
+    assert grid[:4] == [("pearson", "lr0.0005_seed43"), ("cosine_mse", "lr0.0005_seed43"),
+                        ("cosent", "lr0.0005_seed43"), ("stage1_continued", "lr0.0002_seed43")]
+    assert grid[4] == ("pearson", "lr0.0002_seed43") and grid[-1] == ("stage1_continued",
+                                                                       "lr0.0005_seed43")
+    assert len(set(grid)) == 12
+    assert set(arms.threads) == {None}  # one lane: the caller's OMP_NUM_THREADS
+
+
+def test_lanes_split_the_cpus_and_give_the_same_document(arms, monkeypatch, tmp_path):
+    monkeypatch.setattr(arms, "usable_cpus", lambda: 4)
+    assert _main(arms) == 0
+    one_lane = _doc(arms)
+    arms.jobs.clear()
+    arms.root, arms.results = tmp_path / "arms2", tmp_path / "results2"
+    assert _main(arms, "--lanes", "2") == 0
+    assert len(arms.jobs) == 22 and set(arms.threads[22:]) == {2}  # 4 CPUs // 2 lanes
+    two_lanes = _doc(arms)
+
+    def by_run(rows):
+        return {r["run"]: (r.get("stsb_dev_spearman"), r.get("steps"), r.get("avg"))
+                for r in rows}
+    assert by_run(two_lanes["runs"]) == by_run(one_lane["runs"])
+    assert by_run(two_lanes["sts7"]) == by_run(one_lane["sts7"])
+    assert two_lanes["second_seed_arms"] == one_lane["second_seed_arms"]
+    assert {a: e["chosen_lr"] for a, e in two_lanes["arms"].items()} == \
+        {a: e["chosen_lr"] for a, e in one_lane["arms"].items()}
+
+
+def test_a_failed_lane_lets_the_running_job_finish_and_starts_nothing_new(arms, capsys):
+    # The grid starts with pearson and cosine_mse at 5e-4, one per lane, running together.
+    arms.barrier = threading.Barrier(2)
+    arms.fail = {"pearson/lr0.0005_seed43"}
+    assert _main(arms, "--lanes", "2") == 1
+    ran = [_arg(c, "run.output_dir=") for c in arms.jobs if c[0].endswith("pcc-train")]
+    # stage 1, then the two lanes' runs (in either order): nothing started after the failure.
+    assert sorted(r.split("/")[-2] for r in ran) == ["arms", "cosine_mse", "pearson"]
+    assert "pearson/lr0.0005/seed43 exited 1" in capsys.readouterr().err
+    # The run beside the failure finished and is in the JSON.
+    assert [r["run"] for r in _doc(arms)["runs"]] == ["stage1", "cosine_mse/lr0.0005/seed43"]
+
+
+@pytest.mark.parametrize("bad", ["0", "-1"])
+def test_lanes_below_one_is_a_usage_error(arms, bad, capsys):
+    with pytest.raises(SystemExit) as info:
+        _main(arms, "--dry-run", "--lanes", bad)
+    assert info.value.code == 2 and "--lanes" in capsys.readouterr().err
+
+
 def test_second_invocation_skips_finished_runs_and_keeps_their_walls(arms, capsys):
     assert _main(arms) == 0
     first = _doc(arms)
@@ -146,8 +204,11 @@ def test_dry_run_prints_the_plan_and_runs_nothing(arms, capsys):
     # Another --root keeps the MLflow store beside its run folders.
     assert all(f"tracking.tracking_uri=sqlite:///{arms.root}/mlflow.db" in line for line in lines)
     assert sum("smollm2_arm_cosent.yaml" in line for line in lines) == 1
-    control = next(line for line in lines if "stage1_continued" in line)
-    assert "stage1.lr=0.0001" in control and "stage1.max_steps=2" in control
+    control = [line for line in lines if "stage1_continued" in line]
+    assert all("stage1.max_steps=2" in line for line in control)
+    # The grid's middle lr first: 2e-4, then 1e-4 and 5e-4.
+    assert ["stage1.lr=0.0002" in control[0], "stage1.lr=0.0001" in control[1],
+            "stage1.lr=0.0005" in control[2]] == [True, True, True]
 
 
 def test_epochs_scale_the_control_to_the_same_steps(arms, capsys):

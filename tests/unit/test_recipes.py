@@ -131,8 +131,11 @@ def test_smollm2_arms_differ_in_the_objective_only():
     # Same budget: 1 epoch of the 5,318 de-contaminated pairs at batch 64 (the plan drops the
     # last partial batch), in steps of as many examples.
     assert control.stage1.max_steps == 5318 // pcc.global_batch_size == 83
-    for key in ("data", "global_batch_size", "gradcache_chunk_size", "max_length"):
+    for key in ("data", "global_batch_size", "max_length"):
         assert getattr(control.stage1, key) == getattr(stage1, key), key
+    # The arms run without the gradient cache, all of them alike (exact either way:
+    # tests/distributed/test_gradcache_zero3.py).
+    assert control.stage1.gradcache_chunk_size == pcc.gradcache_chunk_size == 0
     assert control.stage1.warmup_steps == pcc.warmup_steps
 
 
