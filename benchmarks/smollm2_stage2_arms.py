@@ -28,7 +28,8 @@ running finish, then the driver exits 1 naming it.
 exact commands, wall times, dev and STS7 scores and the seed spread. Resumable: a run whose
 ``results.json`` (training) or ``sts7.json`` (evaluation) exists is skipped; a run folder without
 it is an interrupted run, and the same ``pcc-train`` command continues it from its newest
-checkpoint (``checkpoint.resume=auto``; pcc-train has no ``--resume`` flag). Each job's output
+checkpoint (``checkpoint.resume=auto``; pcc-train has no ``--resume`` flag), or from step 0 if
+it stopped before its first one (then its wall time counts as a whole run's). Each job's output
 goes to ``<root>/logs/<run>.log``; progress lines (run i of n, elapsed) go to stderr.
 
 Usage:
@@ -296,6 +297,13 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """A complete checkpoint of any stage in the run folder (``<stage>/checkpoints/step-*`` with
+    its ``COMPLETE`` marker): pcc-train continues from it. A folder without one (a run stopped
+    while loading) starts from step 0 again."""
+    return any(run_dir.glob("*/checkpoints/step-*/COMPLETE"))
+
+
 class Driver:
     """Runs the plan's jobs in order, skipping finished ones, and keeps the JSON current."""
 
@@ -336,7 +344,7 @@ class Driver:
                 self.walls[job.key] = self.earlier.get(job.key, (None, False))
                 self.progress(job, "finished earlier, skipped")
                 return
-            resumed = job.command[0].endswith("pcc-train") and job.run_dir.is_dir()
+            resumed = job.command[0].endswith("pcc-train") and has_checkpoint(job.run_dir)
             self.progress(job, "resuming from its newest checkpoint" if resumed else "running")
         log = self.s.root / "logs" / f"{job.key.replace('/', '_')}.log"
         log.parent.mkdir(parents=True, exist_ok=True)

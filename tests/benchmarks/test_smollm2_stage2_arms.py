@@ -43,6 +43,7 @@ def arms(tmp_path, monkeypatch):
     module.fail = set()
     module.threads = []
     module.barrier = None
+    module.checkpoint_before_failing = True
 
     def fake_run(command, log, threads=None):
         module.jobs.append(command)
@@ -53,6 +54,10 @@ def arms(tmp_path, monkeypatch):
             if module.barrier is not None and run.name == "lr0.0005_seed43":
                 module.barrier.wait(timeout=30)  # the lanes' first two runs overlap in time
             if {run.name, f"{run.parent.name}/{run.name}"} & module.fail:
+                if module.checkpoint_before_failing:
+                    marker = run / "stage2" / "checkpoints" / "step-00000010" / "COMPLETE"
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    marker.touch()
                 return 1
             arm = "stage1" if run.name == "stage1" else run.parent.name
             seed = int(_arg(command, "run.seed=")) if arm != "stage1" else 42
@@ -191,6 +196,16 @@ def test_an_interrupted_run_is_continued_with_the_same_command(arms):
     assert arms.jobs[ran] == failed  # continued: the same pcc-train command, first to run
     row = next(r for r in _doc(arms)["runs"] if r["run"] == "pearson/lr0.001/seed43")
     assert row["resumed"] and row["wall_seconds"] is None
+
+
+def test_a_run_stopped_before_its_first_checkpoint_counts_as_a_fresh_start(arms, capsys):
+    arms.fail, arms.checkpoint_before_failing = {"lr0.001_seed43"}, False
+    assert _main(arms, "--arms", "pearson") == 1  # its run folder exists, without a checkpoint
+    arms.fail = set()
+    assert _main(arms, "--arms", "pearson") == 0
+    assert "pearson/lr0.001/seed43: running" in capsys.readouterr().err
+    row = next(r for r in _doc(arms)["runs"] if r["run"] == "pearson/lr0.001/seed43")
+    assert not row["resumed"] and row["wall_seconds"] >= 0
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(arms, capsys):
