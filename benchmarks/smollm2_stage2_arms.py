@@ -330,9 +330,10 @@ class Driver:
             walls[f"eval/{entry['run']}"] = (entry["wall_seconds"], False)
         return walls
 
-    def progress(self, job: Job, what: str) -> None:
+    def progress(self, position: int, job: Job, what: str) -> None:
+        """``[i/n] job: what (elapsed ...)`` on stderr; i is the job's place in the plan."""
         elapsed = time.perf_counter() - self.started
-        print(f"[{self.index}/{self.total}] {job.key}: {what} (elapsed "
+        print(f"[{position}/{self.total}] {job.key}: {what} (elapsed "
               f"{int(elapsed // 3600)}h{int(elapsed % 3600 // 60):02d}m{int(elapsed % 60):02d}s)",
               file=sys.stderr, flush=True)
 
@@ -340,12 +341,14 @@ class Driver:
         """Run ``job`` unless it finished before; an interrupted training run is continued."""
         with self.lock:
             self.index += 1
+            position = self.index
             if job.finished:
                 self.walls[job.key] = self.earlier.get(job.key, (None, False))
-                self.progress(job, "finished earlier, skipped")
+                self.progress(position, job, "finished earlier, skipped")
                 return
             resumed = job.command[0].endswith("pcc-train") and has_checkpoint(job.run_dir)
-            self.progress(job, "resuming from its newest checkpoint" if resumed else "running")
+            self.progress(position, job,
+                          "resuming from its newest checkpoint" if resumed else "running")
         log = self.s.root / "logs" / f"{job.key.replace('/', '_')}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -361,7 +364,7 @@ class Driver:
         # A resumed run's wall time covers only what was left of it.
         with self.lock:
             self.walls[job.key] = (None if resumed else wall, resumed)
-            self.progress(job, f"done in {wall:.0f} s")
+            self.progress(position, job, f"done in {wall:.0f} s")
 
     def run_all(self, jobs: Sequence[Job], finished: Callable[[Job], None]) -> None:
         """Run ``jobs`` (independent of each other), ``s.lanes`` at a time, in list order;

@@ -133,14 +133,20 @@ def test_grid_runs_every_arms_middle_lr_first(arms):
     assert set(arms.threads) == {None}  # one lane: the caller's OMP_NUM_THREADS
 
 
-def test_lanes_split_the_cpus_and_give_the_same_document(arms, monkeypatch, tmp_path):
+def test_lanes_split_the_cpus_and_give_the_same_document(arms, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(arms, "usable_cpus", lambda: 4)
     assert _main(arms) == 0
+    capsys.readouterr()
     one_lane = _doc(arms)
     arms.jobs.clear()
     arms.root, arms.results = tmp_path / "arms2", tmp_path / "results2"
+    arms.barrier = threading.Barrier(2)  # the first two grid runs overlap: 4 starts before 3 ends
     assert _main(arms, "--lanes", "2") == 0
     assert len(arms.jobs) == 22 and set(arms.threads[22:]) == {2}  # 4 CPUs // 2 lanes
+    err = capsys.readouterr().err
+    for position, run in ((3, "pearson/lr0.0005/seed43"), (22, "eval/cosent/lr0.0002/seed44")):
+        assert f"[{position}/22] {run}: running" in err  # a job's place in the plan, at start
+        assert f"[{position}/22] {run}: done in" in err  # and at its end
     two_lanes = _doc(arms)
 
     def by_run(rows):
