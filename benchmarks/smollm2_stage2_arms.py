@@ -33,7 +33,7 @@ it stopped before its first one (then its wall time counts as a whole run's). Ea
 goes to ``<root>/logs/<run>.log``; progress lines (run i of n, elapsed) go to stderr.
 
 Usage:
-    python benchmarks/smollm2_stage2_arms.py                 # everything (CPU-days here)
+    python benchmarks/smollm2_stage2_arms.py                 # everything, one job at a time
     python benchmarks/smollm2_stage2_arms.py --dry-run       # the plan, nothing runs
     python benchmarks/smollm2_stage2_arms.py --lanes 2       # two runs at once, 1 thread each
     python benchmarks/smollm2_stage2_arms.py --arms pearson cosent --grid pearson=5e-4,1e-3
@@ -294,7 +294,10 @@ def launch(command: list[str], log, threads: int | None = None) -> int:
 
 
 def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def has_checkpoint(run_dir: Path) -> bool:
