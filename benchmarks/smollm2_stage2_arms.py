@@ -361,6 +361,9 @@ class Driver:
             code = launch(list(job.command), handle, self.threads)
         wall = time.perf_counter() - start
         if code != 0 or not job.finished:
+            with self.lock:  # at once: with lanes, the error itself waits for the running jobs
+                self.progress(position, job, f"failed (exit {code}, log {log}); no new job "
+                              "starts")
             tail = "".join(log.read_text(errors="replace").splitlines(True)[-30:])
             raise RuntimeError(f"{job.key} exited {code} (log {log}); rerun this command to "
                                f"continue it from its newest checkpoint. Last lines:\n{tail}")

@@ -11,6 +11,7 @@ import importlib
 import json
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,12 @@ def arms(tmp_path, monkeypatch):
         if command[0].endswith("pcc-train"):
             run = Path(_arg(command, "run.output_dir="))
             run.mkdir(parents=True, exist_ok=True)
+            failing = bool({run.name, f"{run.parent.name}/{run.name}"} & module.fail)
             if module.barrier is not None and run.name == "lr0.0005_seed43":
                 module.barrier.wait(timeout=30)  # the lanes' first two runs overlap in time
-            if {run.name, f"{run.parent.name}/{run.name}"} & module.fail:
+                if not failing:
+                    time.sleep(0.5)  # and the one beside a failure ends after it
+            if failing:
                 if module.checkpoint_before_failing:
                     marker = run / "stage2" / "checkpoints" / "step-00000010" / "COMPLETE"
                     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +171,9 @@ def test_a_failed_lane_lets_the_running_job_finish_and_starts_nothing_new(arms, 
     ran = [_arg(c, "run.output_dir=") for c in arms.jobs if c[0].endswith("pcc-train")]
     # stage 1, then the two lanes' runs (in either order): nothing started after the failure.
     assert sorted(r.split("/")[-2] for r in ran) == ["arms", "cosine_mse", "pearson"]
-    assert "pearson/lr0.0005/seed43 exited 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "[3/22] pearson/lr0.0005/seed43: failed (exit 1, log " in err  # said when it happens
+    assert "pearson/lr0.0005/seed43 exited 1" in err  # and the error at the end
     # The run beside the failure finished and is in the JSON.
     assert [r["run"] for r in _doc(arms)["runs"]] == ["stage1", "cosine_mse/lr0.0005/seed43"]
 
