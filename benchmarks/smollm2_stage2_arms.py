@@ -61,6 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import REPO_ROOT, RESULTS_DIR, machine_facts, write_result  # noqa: E402
 
+from pcc_dist.modeling.run_folder import newest_checkpoint  # noqa: E402
+
 BIN = Path(sys.executable).parent
 CONFIGS = REPO_ROOT / "launchers" / "configs"
 STAGE1_RECIPE = CONFIGS / "smollm2_arms_stage1.yaml"
@@ -301,10 +303,9 @@ def usable_cpus() -> int:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    """A complete checkpoint of any stage in the run folder (``<stage>/checkpoints/step-*`` with
-    its ``COMPLETE`` marker): pcc-train continues from it. A folder without one (a run stopped
-    while loading) starts from step 0 again."""
-    return any(run_dir.glob("*/checkpoints/step-*/COMPLETE"))
+    """A complete checkpoint of any stage in the run folder: pcc-train continues from it. A
+    folder without one (a run stopped while loading) starts from step 0 again."""
+    return run_dir.is_dir() and newest_checkpoint(run_dir) is not None
 
 
 class Driver:
@@ -389,12 +390,8 @@ class Driver:
             with self.lock:
                 finished(job)
 
-        if self.s.lanes == 1:
-            for job in jobs:
-                one(job)
-        else:
-            with ThreadPoolExecutor(max_workers=self.s.lanes) as pool:
-                list(pool.map(one, jobs))
+        with ThreadPoolExecutor(max_workers=self.s.lanes) as pool:  # 1 lane: in list order
+            list(pool.map(one, jobs))
         if failures:
             raise failures[0]
 

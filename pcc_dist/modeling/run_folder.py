@@ -102,7 +102,7 @@ def _unfinished_run_message(run: Path) -> str:
         f"{run} is a training run folder without a complete {TRAINING_MODEL_DIR}/ folder: its "
         "training has not finished (or stopped before saving the final model)."
     ]
-    checkpoint = _newest_checkpoint(run)
+    checkpoint = newest_checkpoint(run)
     if checkpoint is not None:
         lines.append(
             f"Its newest checkpoint is {checkpoint}: run pcc-train again with "
@@ -122,7 +122,7 @@ def _unfinished_run_message(run: Path) -> str:
     return " ".join(lines)
 
 
-def _newest_checkpoint(run: Path) -> Path | None:
+def newest_checkpoint(run: Path) -> Path | None:
     """The newest complete checkpoint of any stage (stage2's after stage1's, then by step)."""
     found = [
         checkpoint
