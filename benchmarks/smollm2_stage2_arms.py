@@ -38,7 +38,13 @@ Usage:
     python benchmarks/smollm2_stage2_arms.py --lanes 2       # two runs at once, 1 thread each
     python benchmarks/smollm2_stage2_arms.py --arms pearson cosent --grid pearson=5e-4,1e-3
     python benchmarks/smollm2_stage2_arms.py --max-steps 2 --root runs/arms_smoke -- KEY=VALUE
-Rerun the same command to continue after an interruption.
+    # a variant from the study's stage-1 checkpoint, in its own folder and JSON:
+    python benchmarks/smollm2_stage2_arms.py --root runs/smollm2_arms_b128 --out NAME \
+        --stage1-dir runs/smollm2_arms/stage1 --arms pearson cosine_mse \
+        -- stage2.global_batch_size=128
+Rerun the same command to continue after an interruption. A results JSON holding another plan
+(other arms, grid, budget, overrides, root or stage-1 folder) is never rewritten: such a variant
+names its own file with ``--out``.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -139,6 +146,17 @@ class Settings:
     eval_batch_size: int
     results_dir: Path
     lanes: int = 1
+    stage1_dir: Path | None = None  # a finished stage-1 run to start from (default <root>/stage1)
+    out: str = RESULT_NAME  # the results JSON's stem
+
+    @property
+    def stage1(self) -> Path:
+        """The stage-1 run folder every arm starts from."""
+        return self.stage1_dir or self.root / "stage1"
+
+    @property
+    def result_path(self) -> Path:
+        return self.results_dir / f"{self.out}.json"
 
 
 DEFAULT_ROOT = REPO_ROOT / "runs" / "smollm2_arms"
@@ -157,7 +175,7 @@ def _lr_name(lr: float) -> str:
 
 
 def stage1_job(s: Settings) -> Job:
-    run_dir = s.root / "stage1"
+    run_dir = s.stage1
     command = [str(BIN / "pcc-train"), "--config", str(STAGE1_RECIPE),
                f"run.output_dir={run_dir}"]
     if s.stage1_model:
@@ -187,7 +205,7 @@ def train_job(arm: str, lr: float, seed: int, s: Settings) -> Job:
     stage = "stage1" if arm == "stage1_continued" else "stage2"
     command = [str(BIN / "pcc-train"), "--config", str(CONFIGS / f"smollm2_arm_{arm}.yaml"),
                f"run.output_dir={run_dir}", f"run.name=smollm2_arm_{arm}_{_lr_name(lr)}_s{seed}",
-               f"model.name_or_path={s.root / 'stage1'}", f"{stage}.lr={lr:g}",
+               f"model.name_or_path={s.stage1}", f"{stage}.lr={lr:g}",
                f"run.seed={seed}", *_budget(arm, s), *_common_overrides(s)]
     return Job(name, arm, lr, seed, run_dir, tuple(command), run_dir / "results.json")
 
@@ -325,10 +343,9 @@ class Driver:
 
     def _earlier_walls(self) -> dict[str, tuple[float | None, bool]]:
         """Wall times an earlier invocation measured for runs this one will skip."""
-        path = self.s.results_dir / f"{RESULT_NAME}.json"
-        if not path.is_file():
+        if not self.s.result_path.is_file():
             return {}
-        doc = json.loads(path.read_text())
+        doc = json.loads(self.s.result_path.read_text())
         walls = {r["run"]: (r["wall_seconds"], r["resumed"]) for r in doc.get("runs", [])}
         for entry in doc.get("sts7", []):
             walls[f"eval/{entry['run']}"] = (entry["wall_seconds"], False)
@@ -396,6 +413,34 @@ class Driver:
             raise failures[0]
 
 
+def plan(s: Settings) -> dict[str, Any]:
+    """What decides the runs and their rows: the results JSON's ``plan``."""
+    return {"arms": list(s.arms), "grid": {a: list(s.grid[a]) for a in s.arms},
+            "seeds": list(SEEDS), "epochs": s.epochs, "max_steps": s.max_steps,
+            "overrides": list(s.overrides), "root": _relative(str(s.root)),
+            "stage1": _relative(str(s.stage1))}
+
+
+def check_same_plan(s: Settings) -> None:
+    """Refuse to rewrite a results JSON that holds another plan's rows.
+
+    The document lists only this invocation's runs, so ``--arms pearson`` or a smoke test on the
+    study's file would drop the other arms' rows and wall times. Keys an older file lacks are
+    not compared.
+    """
+    if not s.result_path.is_file():
+        return
+    earlier = json.loads(s.result_path.read_text()).get("plan", {})
+    ours = plan(s)
+    differ = [key for key in ours if key in earlier and earlier[key] != ours[key]]
+    if differ:
+        shown = "; ".join(f"{key}: {earlier[key]} there, {ours[key]} here" for key in differ)
+        raise RuntimeError(
+            f"{_relative(str(s.result_path))} holds another plan ({shown}); rewriting it would "
+            "drop its rows. Write this plan to its own file with --out NAME, or rerun the plan "
+            "it holds.")
+
+
 def document(s: Settings, driver: Driver, trained: list[Job], evaluated: list[Job],
              chosen: dict[str, Job], second: list[str]) -> dict[str, Any]:
     """The results JSON from the finished jobs so far."""
@@ -412,15 +457,13 @@ def document(s: Settings, driver: Driver, trained: list[Job], evaluated: list[Jo
                      "chosen_lr": pick.lr if pick else None,
                      "chosen_by": "STS-B dev Spearman at the end of the run",
                      "sts7": evals, "seed_spread": seed_spread(evals)}
-    return {"machine": driver.machine,
-            "plan": {"arms": list(s.arms), "grid": {a: list(s.grid[a]) for a in s.arms},
-                     "seeds": list(SEEDS), "epochs": s.epochs, "max_steps": s.max_steps,
-                     "overrides": list(s.overrides), "root": _relative(str(s.root))},
-            "runs": runs, "sts7": sts7, "arms": arms, "second_seed_arms": second}
+    return {"machine": driver.machine, "plan": plan(s), "runs": runs, "sts7": sts7,
+            "arms": arms, "second_seed_arms": second}
 
 
 def execute(s: Settings) -> dict[str, Any]:
     """Run (or continue) the whole plan; returns the final document."""
+    check_same_plan(s)
     driver = Driver(s)
     trained: list[Job] = []
     evaluated: list[Job] = []
@@ -429,7 +472,7 @@ def execute(s: Settings) -> dict[str, Any]:
 
     def record(job: Job) -> None:
         (evaluated if job.key.startswith("eval/") else trained).append(job)
-        write_result(RESULT_NAME, document(s, driver, trained, evaluated, chosen, second),
+        write_result(s.out, document(s, driver, trained, evaluated, chosen, second),
                      s.results_dir)
 
     stage1 = stage1_job(s)
@@ -450,8 +493,9 @@ def execute(s: Settings) -> dict[str, Any]:
 def dry_run(s: Settings) -> str:
     """The plan as text: the commands that run, and the templates of those chosen later."""
     stage1 = stage1_job(s)
+    reused = f" (reused: {_relative(str(s.stage1))})" if s.stage1_dir else ""
     lines = [f"# {planned_count(s)} jobs; finished ones are skipped, interrupted ones continued",
-             "# 1. the stage-1 checkpoint and its STS7 (reference row)",
+             f"# 1. the stage-1 checkpoint and its STS7 (reference row){reused}",
              stage1.shown(), eval_job(stage1, s).shown(),
              f"# 2. the lr grid, seed {SEEDS[0]}, STS-B dev at the end of each run"]
     lines += [j.shown() for j in grid_jobs(s)]
@@ -501,7 +545,14 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, bool]:
     parser.add_argument("--eval-tasks", default=None,
                         help="pcc-eval --tasks (default: all seven STS tasks)")
     parser.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH)
+    parser.add_argument("--stage1-dir", type=Path, default=None,
+                        help="a finished stage-1 run folder every arm starts from (default: "
+                             "<root>/stage1, trained by the plan); variants of the study reuse "
+                             "its checkpoint")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", default=RESULT_NAME,
+                        help=f"stem of the results JSON (default {RESULT_NAME}); a variant of the "
+                             "plan needs its own")
     parser.add_argument("--lanes", type=int, default=1,
                         help="jobs run at once, each with OMP_NUM_THREADS = usable CPUs // lanes "
                              "(default 1: one job, the caller's OMP_NUM_THREADS)")
@@ -515,13 +566,21 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, bool]:
         parser.error("--epochs must be positive")
     if args.lanes < 1:
         parser.error("--lanes must be >= 1")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.out):
+        parser.error(f"--out takes a file stem (letters, digits, _ . -), got {args.out!r}")
     grid = dict(DEFAULT_GRID) | dict(args.grid)
     root = args.root if args.root.is_absolute() else REPO_ROOT / args.root
+    stage1_dir = args.stage1_dir
+    if stage1_dir is not None:
+        stage1_dir = stage1_dir if stage1_dir.is_absolute() else REPO_ROOT / stage1_dir
+        if not (stage1_dir / "results.json").is_file():
+            parser.error(f"--stage1-dir {args.stage1_dir}: no results.json there, so not a "
+                         "finished stage-1 run (leave --stage1-dir out to train one in <root>)")
     settings = Settings(root=root, arms=tuple(args.arms), grid=grid, epochs=args.epochs,
                         max_steps=args.max_steps, stage1_model=args.stage1_model,
                         overrides=tuple(args.overrides), eval_tasks=args.eval_tasks,
                         eval_batch_size=args.eval_batch_size, results_dir=args.results_dir,
-                        lanes=args.lanes)
+                        lanes=args.lanes, stage1_dir=stage1_dir, out=args.out)
     return settings, args.dry_run
 
 

@@ -244,6 +244,55 @@ def test_epochs_scale_the_control_to_the_same_steps(arms, capsys):
     assert "stage1.max_steps=41" in out  # int(0.5 x 83), the stage-2 arms' 41 steps
 
 
+def test_a_variant_starts_from_the_studys_stage1_run_and_writes_its_own_json(arms, tmp_path):
+    assert _main(arms) == 0
+    study = (arms.results / "smollm2_stage2_arms.json").read_text()
+    arms.jobs.clear()
+    stage1 = arms.root / "stage1"
+    assert arms.main(["--root", str(tmp_path / "b128"), "--results-dir", str(arms.results),
+                      "--stage1-dir", str(stage1), "--out", "arms_b128", "--arms", "pearson",
+                      "cosine_mse", "--grid", "pearson=5e-4", "--grid", "cosine_mse=5e-4",
+                      "--", "stage2.global_batch_size=128"]) == 0
+    trained = [c for c in arms.jobs if c[0].endswith("pcc-train")]
+    # No stage 1 of its own: two grid runs and two second seeds, all from the study's stage 1.
+    assert len(trained) == 4 and len(arms.jobs) == 8
+    assert all(_arg(c, "model.name_or_path=") == str(stage1) for c in trained)
+    assert all(_arg(c, "run.output_dir=").startswith(str(tmp_path / "b128")) for c in trained)
+    assert all("stage2.global_batch_size=128" in c for c in trained)
+    assert (arms.results / "smollm2_stage2_arms.json").read_text() == study  # untouched
+    variant = json.loads((arms.results / "arms_b128.json").read_text())
+    assert variant["plan"]["stage1"] == str(stage1)
+    assert [r["run"] for r in variant["runs"]] == [
+        "stage1", "pearson/lr0.0005/seed43", "cosine_mse/lr0.0005/seed43",
+        "pearson/lr0.0005/seed44", "cosine_mse/lr0.0005/seed44"]
+
+
+def test_another_plan_never_rewrites_the_results_json(arms, capsys):
+    assert _main(arms) == 0
+    study = (arms.results / "smollm2_stage2_arms.json").read_text()
+    arms.jobs.clear()
+    capsys.readouterr()
+    # One arm of the same study: its document would list pearson's rows only.
+    assert _main(arms, "--arms", "pearson") == 1
+    err = capsys.readouterr().err
+    assert "holds another plan (arms: ['pearson', 'cosine_mse', 'cosent', 'stage1_continued'] " \
+        "there, ['pearson'] here; grid: " in err and "--out NAME" in err
+    assert arms.jobs == [] and (arms.results / "smollm2_stage2_arms.json").read_text() == study
+    # Negative control: its own file takes it (every pearson job is already finished).
+    assert _main(arms, "--arms", "pearson", "--out", "pearson_only") == 0
+    assert arms.jobs == []
+    assert len(json.loads((arms.results / "pearson_only.json").read_text())["runs"]) == 5
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--stage1-dir", "no/such/run", "not a finished stage-1 run"),
+    ("--out", "a/b", "--out takes a file stem")])
+def test_bad_variant_flags_are_usage_errors(arms, flag, value, says, capsys):
+    with pytest.raises(SystemExit) as info:
+        _main(arms, "--dry-run", flag, value)
+    assert info.value.code == 2 and says in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad", ["nope=1e-4", "pearson=", "pearson=fast", "pearson=-1"])
 def test_bad_grid_is_a_usage_error(arms, bad, capsys):
     with pytest.raises(SystemExit) as info:
