@@ -19,10 +19,12 @@ Steps, each a ``pcc-train`` / ``pcc-eval`` subprocess from the repository root:
    ``pcc-eval``; the seed spread per arm is the half range of its two STS7 averages.
 
 The grid runs middle lr first, arm by arm (every arm at its grid's middle, then the other lrs),
-so a plan cut short still compares every arm. ``--lanes N`` runs N jobs at once, each with
-``OMP_NUM_THREADS`` = usable CPUs // N: on a small CPU two one-thread runs do more steps per hour
-than one two-thread run (measured: README). A failed job starts nothing new; the jobs already
-running finish, then the driver exits 1 naming it.
+so a plan cut short still compares every arm. Every job starts as soon as what it needs has
+finished (an arm's STS7 once its own grid is done, not the whole grid), in that order.
+``--lanes N`` runs N jobs at once, each with ``OMP_NUM_THREADS`` = usable CPUs // N: on a small
+CPU two one-thread runs do more steps per hour than one two-thread run (measured: README). A
+failed job starts nothing new; the jobs already running finish, then the driver exits 1 naming
+it.
 
 ``benchmarks/results/smollm2_stage2_arms.json`` is rewritten after every finished run with the
 exact commands, wall times, dev and STS7 scores and the seed spread. Resumable: a run whose
@@ -59,8 +61,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -390,25 +393,31 @@ class Driver:
             self.walls[job.key] = (None if resumed else wall, resumed)
             self.progress(position, job, f"done in {wall:.0f} s")
 
-    def run_all(self, jobs: Sequence[Job], finished: Callable[[Job], None]) -> None:
-        """Run ``jobs`` (independent of each other), ``s.lanes`` at a time, in list order;
-        ``finished(job)`` after each, under the lock. After a failure no new job starts; the
-        running ones finish, then the first failure is raised."""
+    def run_all(self, jobs: Sequence[Job], finished: Callable[[Job], list[Job]]) -> None:
+        """Run ``jobs`` and the jobs they make ready, ``s.lanes`` at a time, in queue order.
+
+        ``finished(job)`` is called (in this thread) after each job and returns the jobs that
+        became ready, appended to the queue: an arm's STS7 once its grid is done, say, so that a
+        free lane never waits for the slowest run of a step. After a failure no new job starts;
+        the running ones finish (and are recorded), then the first failure is raised.
+        """
+        queue = deque(jobs)
+        running: dict[Future, Job] = {}
         failures: list[RuntimeError] = []
-
-        def one(job: Job) -> None:
-            if failures:
-                return
-            try:
-                self.run(job)
-            except RuntimeError as exc:
-                failures.append(exc)
-                return
-            with self.lock:
-                finished(job)
-
-        with ThreadPoolExecutor(max_workers=self.s.lanes) as pool:  # 1 lane: in list order
-            list(pool.map(one, jobs))
+        with ThreadPoolExecutor(max_workers=self.s.lanes) as pool:
+            while running or (queue and not failures):
+                while queue and not failures and len(running) < self.s.lanes:
+                    job = queue.popleft()
+                    running[pool.submit(self.run, job)] = job
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = running.pop(future)
+                    try:
+                        future.result()
+                    except RuntimeError as exc:
+                        failures.append(exc)
+                        continue
+                    queue.extend(finished(job))
         if failures:
             raise failures[0]
 
@@ -462,31 +471,46 @@ def document(s: Settings, driver: Driver, trained: list[Job], evaluated: list[Jo
 
 
 def execute(s: Settings) -> dict[str, Any]:
-    """Run (or continue) the whole plan; returns the final document."""
+    """Run (or continue) the whole plan; returns the final document.
+
+    Each job starts once what it needs has finished: the stage-1 STS7 and the grid after the
+    stage-1 run; an arm's STS7 after its whole grid (the lr is chosen then); the second seeds
+    after every arm's choice; a second seed's STS7 after its run.
+    """
     check_same_plan(s)
     driver = Driver(s)
     trained: list[Job] = []
     evaluated: list[Job] = []
     chosen: dict[str, Job] = {}
     second: list[str] = []
+    stage1 = stage1_job(s)
+    grid = grid_jobs(s)
+    grid_left = {arm: {j.key for j in grid if j.arm == arm} for arm in s.arms}
 
-    def record(job: Job) -> None:
-        (evaluated if job.key.startswith("eval/") else trained).append(job)
+    def finished(job: Job) -> list[Job]:
+        """Record ``job`` in the JSON; the jobs it made ready."""
+        ready: list[Job] = []
+        if job.key.startswith("eval/"):
+            evaluated.append(job)
+        else:
+            trained.append(job)
+            if job is stage1:
+                ready = [eval_job(stage1, s), *grid]
+            elif job.seed == SEEDS[1]:
+                ready = [eval_job(job, s)]
+            else:
+                grid_left[job.arm].discard(job.key)
+                if not grid_left[job.arm]:
+                    chosen[job.arm] = choose_lr([j for j in grid if j.arm == job.arm])
+                    ready = [eval_job(chosen[job.arm], s)]
+                    if len(chosen) == len(s.arms):
+                        second.extend(best_arms(chosen))
+                        ready += [train_job(arm, chosen[arm].lr, SEEDS[1], s) for arm in second]
         write_result(s.out, document(s, driver, trained, evaluated, chosen, second),
                      s.results_dir)
+        return ready
 
-    stage1 = stage1_job(s)
-    driver.run_all([stage1], record)
-    driver.run_all([eval_job(stage1, s)], record)
-    grid = grid_jobs(s)
-    driver.run_all(grid, record)
-    for arm in s.arms:
-        chosen[arm] = choose_lr([j for j in grid if j.arm == arm])
-    driver.run_all([eval_job(chosen[arm], s) for arm in s.arms], record)
-    second.extend(best_arms(chosen))
-    again = [train_job(arm, chosen[arm].lr, SEEDS[1], s) for arm in second]
-    driver.run_all(again, record)
-    driver.run_all([eval_job(job, s) for job in again], record)
+    driver.run_all([stage1], finished)
     return document(s, driver, trained, evaluated, chosen, second)
 
 

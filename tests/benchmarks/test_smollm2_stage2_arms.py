@@ -9,6 +9,7 @@ The ``slow`` test runs the real commands on a tiny Llama, one step per run.
 
 import importlib
 import json
+import re
 import subprocess
 import threading
 import time
@@ -45,14 +46,25 @@ def arms(tmp_path, monkeypatch):
     module.threads = []
     module.barrier = None
     module.checkpoint_before_failing = True
+    module.slow = set()  # run folders ("arm/lr..._seed..") whose job takes 1 s
+    module.spans = {}  # run folder (and "eval/" + it) -> (start, end) perf_counter times
 
     def fake_run(command, log, threads=None):
         module.jobs.append(command)
         module.threads.append(threads)
+        start = time.perf_counter()
+        try:
+            return _fake_job(command)
+        finally:
+            module.spans[_span_key(command)] = (start, time.perf_counter())
+
+    def _fake_job(command):
         if command[0].endswith("pcc-train"):
             run = Path(_arg(command, "run.output_dir="))
             run.mkdir(parents=True, exist_ok=True)
             failing = bool({run.name, f"{run.parent.name}/{run.name}"} & module.fail)
+            if f"{run.parent.name}/{run.name}" in module.slow:
+                time.sleep(1.0)
             if module.barrier is not None and run.name == "lr0.0005_seed43":
                 module.barrier.wait(timeout=30)  # the lanes' first two runs overlap in time
                 if not failing:
@@ -87,6 +99,14 @@ def arms(tmp_path, monkeypatch):
     module.root = tmp_path / "arms"
     module.results = tmp_path / "results"
     return module
+
+
+def _span_key(command):
+    if command[0].endswith("pcc-train"):
+        run = Path(_arg(command, "run.output_dir="))
+        return f"{run.parent.name}/{run.name}"
+    run = Path(command[command.index("--model") + 1])
+    return f"eval/{run.parent.name}/{run.name}"
 
 
 def _main(arms, *extra):
@@ -147,9 +167,10 @@ def test_lanes_split_the_cpus_and_give_the_same_document(arms, monkeypatch, tmp_
     assert _main(arms, "--lanes", "2") == 0
     assert len(arms.jobs) == 22 and set(arms.threads[22:]) == {2}  # 4 CPUs // 2 lanes
     err = capsys.readouterr().err
-    for position, run in ((3, "pearson/lr0.0005/seed43"), (22, "eval/cosent/lr0.0002/seed44")):
-        assert f"[{position}/22] {run}: running" in err  # a job's place in the plan, at start
-        assert f"[{position}/22] {run}: done in" in err  # and at its end
+    started = dict(re.findall(r"\[(\d+)/22\] (\S+): running", err))
+    ended = dict(re.findall(r"\[(\d+)/22\] (\S+): done in", err))
+    assert started == ended and sorted(map(int, started)) == list(range(1, 23))
+    assert started["3"] == "pearson/lr0.0005/seed43"  # each job keeps its own place
     two_lanes = _doc(arms)
 
     def by_run(rows):
@@ -160,6 +181,21 @@ def test_lanes_split_the_cpus_and_give_the_same_document(arms, monkeypatch, tmp_
     assert two_lanes["second_seed_arms"] == one_lane["second_seed_arms"]
     assert {a: e["chosen_lr"] for a, e in two_lanes["arms"].items()} == \
         {a: e["chosen_lr"] for a, e in one_lane["arms"].items()}
+
+
+def test_an_arms_sts7_starts_while_a_slower_arm_still_trains(arms):
+    # The grid's last run is the control at 5e-4. With 2 lanes the other lane scores the arms
+    # whose grids are done instead of waiting for it; the control's own STS7 and the second
+    # seeds (they need every arm's choice) wait for it.
+    arms.slow = {"stage1_continued/lr0.0005_seed43"}
+    assert _main(arms, "--lanes", "2") == 0
+    start, end = arms.spans["stage1_continued/lr0.0005_seed43"]
+    for arm, lr in (("pearson", "0.0005"), ("cosine_mse", "0.001"), ("cosent", "0.0002")):
+        assert arms.spans[f"eval/{arm}/lr{lr}_seed43"][0] < end
+    after = [key for key, (begin, _) in arms.spans.items() if begin >= end]
+    assert "eval/stage1_continued/lr0.0002_seed43" in after
+    assert {"pearson/lr0.0005_seed44", "cosent/lr0.0002_seed44"} <= set(after)
+    assert len(_doc(arms)["sts7"]) == 7
 
 
 def test_a_failed_lane_lets_the_running_job_finish_and_starts_nothing_new(arms, capsys):
