@@ -44,9 +44,10 @@ Usage:
     python benchmarks/smollm2_stage2_arms.py --root runs/smollm2_arms_b128 --out NAME \
         --stage1-dir runs/smollm2_arms/stage1 --arms pearson cosine_mse \
         -- stage2.global_batch_size=128
-Rerun the same command to continue after an interruption. A results JSON holding another plan
-(other arms, grid, budget, overrides, root or stage-1 folder) is never rewritten: such a variant
-names its own file with ``--out``.
+Rerun the same command to continue after an interruption. A results JSON is never rewritten by
+a plan that would drop its rows (fewer arms or lrs, another budget, overrides, root or stage-1
+folder): such a variant names its own file with ``--out``. A plan that extends it (another lr
+in a grid) keeps every row and rewrites it.
 """
 
 from __future__ import annotations
@@ -430,24 +431,35 @@ def plan(s: Settings) -> dict[str, Any]:
             "stage1": _relative(str(s.stage1))}
 
 
-def check_same_plan(s: Settings) -> None:
-    """Refuse to rewrite a results JSON that holds another plan's rows.
+def possible_commands(s: Settings) -> set[str]:
+    """Every command this plan may run: stage 1, the grid, a second seed at any lr of an arm's
+    grid (the choice is made later), and the STS7 of each."""
+    runs = [stage1_job(s), *grid_jobs(s),
+            *(train_job(arm, lr, SEEDS[1], s) for arm in s.arms for lr in s.grid[arm])]
+    return {job.shown() for job in [*runs, *(eval_job(run, s) for run in runs)]}
 
-    The document lists only this invocation's runs, so ``--arms pearson`` or a smoke test on the
-    study's file would drop the other arms' rows and wall times. Keys an older file lacks are
-    not compared.
+
+def check_rows_kept(s: Settings) -> None:
+    """Refuse to rewrite a results JSON whose rows this plan would drop.
+
+    The document lists only this plan's jobs, so ``--arms pearson`` or a smoke test on the
+    study's file would lose the other rows and their wall times; a plan that extends the study
+    (another lr in a grid, another arm) keeps them all and may rewrite it.
     """
     if not s.result_path.is_file():
         return
-    earlier = json.loads(s.result_path.read_text()).get("plan", {})
-    ours = plan(s)
-    differ = [key for key in ours if key in earlier and earlier[key] != ours[key]]
-    if differ:
-        shown = "; ".join(f"{key}: {earlier[key]} there, {ours[key]} here" for key in differ)
+    earlier = json.loads(s.result_path.read_text())
+    ours = possible_commands(s)
+    dropped = [row["run"] for row in earlier.get("runs", []) if row["command"] not in ours]
+    dropped += [f"eval/{row['run']}" for row in earlier.get("sts7", [])
+                if row["command"] not in ours]
+    if dropped:
+        more = f" and {len(dropped) - 3} more" if len(dropped) > 3 else ""
         raise RuntimeError(
-            f"{_relative(str(s.result_path))} holds another plan ({shown}); rewriting it would "
-            "drop its rows. Write this plan to its own file with --out NAME, or rerun the plan "
-            "it holds.")
+            f"{_relative(str(s.result_path))} holds rows this plan does not run "
+            f"({', '.join(dropped[:3])}{more}): rewriting it would drop them. Write this plan to "
+            "its own file with --out NAME, or give the arms, grid, budget and overrides of the "
+            "plan it holds.")
 
 
 def document(s: Settings, driver: Driver, trained: list[Job], evaluated: list[Job],
@@ -477,7 +489,7 @@ def execute(s: Settings) -> dict[str, Any]:
     stage-1 run; an arm's STS7 after its whole grid (the lr is chosen then); the second seeds
     after every arm's choice; a second seed's STS7 after its run.
     """
-    check_same_plan(s)
+    check_rows_kept(s)
     driver = Driver(s)
     trained: list[Job] = []
     evaluated: list[Job] = []

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # the test sets would pick another lr.
 SCORES = {
     ("pearson", 2e-4): (70.0, 90.0), ("pearson", 5e-4): (80.0, 60.0),
-    ("pearson", 1e-3): (75.0, 65.0),
+    ("pearson", 1e-3): (75.0, 65.0), ("pearson", 2e-3): (72.0, 70.0),
     ("cosine_mse", 2e-4): (60.0, 95.0), ("cosine_mse", 5e-4): (65.0, 50.0),
     ("cosine_mse", 1e-3): (66.0, 51.0),
     ("cosent", 2e-4): (79.0, 40.0), ("cosent", 5e-4): (78.0, 99.0),
@@ -303,18 +303,36 @@ def test_a_variant_starts_from_the_studys_stage1_run_and_writes_its_own_json(arm
         "pearson/lr0.0005/seed44", "cosine_mse/lr0.0005/seed44"]
 
 
-def test_another_plan_never_rewrites_the_results_json(arms, capsys):
+@pytest.mark.parametrize("subset", [["--arms", "pearson"], ["--max-steps", "2"],
+                                    ["--grid", "cosent=5e-4,1e-3"]])
+def test_a_plan_that_would_drop_rows_never_rewrites_the_results_json(arms, subset, capsys):
     assert _main(arms) == 0
     study = (arms.results / "smollm2_stage2_arms.json").read_text()
     arms.jobs.clear()
     capsys.readouterr()
-    # One arm of the same study: its document would list pearson's rows only.
-    assert _main(arms, "--arms", "pearson") == 1
+    # One arm, a smoke budget, a shorter grid: the document would lose the study's other rows.
+    assert _main(arms, *subset) == 1
     err = capsys.readouterr().err
-    assert "holds another plan (arms: ['pearson', 'cosine_mse', 'cosent', 'stage1_continued'] " \
-        "there, ['pearson'] here; grid: " in err and "--out NAME" in err
+    assert "holds rows this plan does not run (" in err and "--out NAME" in err
     assert arms.jobs == [] and (arms.results / "smollm2_stage2_arms.json").read_text() == study
-    # Negative control: its own file takes it (every pearson job is already finished).
+
+
+def test_a_plan_that_extends_the_grid_keeps_every_row(arms):
+    assert _main(arms) == 0
+    before = {r["run"]: r for r in _doc(arms)["runs"]}
+    arms.jobs.clear()
+    assert _main(arms, "--grid", "pearson=2e-4,5e-4,1e-3,2e-3") == 0
+    ran = [_span_key(c) for c in arms.jobs]
+    assert ran == ["pearson/lr0.002_seed43"]  # dev 80 at 5e-4 stays the choice
+    after = {r["run"]: r for r in _doc(arms)["runs"]}
+    assert set(after) == set(before) | {"pearson/lr0.002/seed43"}
+    assert all(after[run] == row for run, row in before.items())  # wall times included
+
+
+def test_its_own_file_takes_a_subset_of_the_study(arms):
+    assert _main(arms) == 0
+    arms.jobs.clear()
+    # Every pearson job finished in the study's folders: nothing runs, its own JSON is written.
     assert _main(arms, "--arms", "pearson", "--out", "pearson_only") == 0
     assert arms.jobs == []
     assert len(json.loads((arms.results / "pearson_only.json").read_text())["runs"]) == 5
