@@ -12,7 +12,9 @@ are ``launchers/configs/smollm2_arms_stage1.yaml`` and ``smollm2_arm_<arm>.yaml`
 Steps, each a ``pcc-train`` / ``pcc-eval`` subprocess from the repository root:
 
 1. the stage-1 checkpoint run (once);
-2. per arm, each lr of its grid (seed 43), scored on STS-B dev at the end of the run;
+2. per arm, each lr of its grid (seed 43), scored on STS-B dev at the end of the run; when the
+   best dev sits at the grid's highest (lowest) lr, twice (half) that lr runs too, up to
+   ``--extend-edges`` times (default 2), so that the chosen lr is inside the lrs tried;
 3. per arm, the lr with the best STS-B dev Spearman (the test sets never choose anything);
    STS7 of that run by ``pcc-eval`` (and of the stage-1 checkpoint, the reference row);
 4. the two arms with the best dev score at their chosen lr again with seed 44, STS7 by
@@ -151,6 +153,7 @@ class Settings:
     results_dir: Path
     lanes: int = 1
     stage1_dir: Path | None = None  # a finished stage-1 run to start from (default <root>/stage1)
+    extend_edges: int = 2  # times an arm's grid may grow past the edge where its best dev sits
     out: str = RESULT_NAME  # the results JSON's stem
 
     @property
@@ -241,9 +244,30 @@ def grid_jobs(s: Settings) -> list[Job]:
     return jobs
 
 
+def edge_lr(lrs: Sequence[float], best: float) -> float | None:
+    """The next lr out when the best dev sits at an edge of the lrs tried: twice the highest,
+    half the lowest; None when it is inside (or the grid is a single lr, fixed on purpose)."""
+    if len(lrs) < 2:
+        return None
+    if best == max(lrs):
+        return best * 2
+    if best == min(lrs):
+        return best / 2
+    return None
+
+
+def reachable_lrs(s: Settings, arm: str) -> list[float]:
+    """The arm's grid and every lr its edge extensions could add."""
+    lrs = list(s.grid[arm])
+    if len(lrs) < 2:
+        return lrs
+    steps = range(1, s.extend_edges + 1)
+    return lrs + [max(lrs) * 2**k for k in steps] + [min(lrs) / 2**k for k in steps]
+
+
 def planned_count(s: Settings) -> int:
     """Jobs in the whole plan: stage 1 and its STS7, the grid, one STS7 per arm, and a training
-    run and an STS7 for each of the two best arms' second seed."""
+    run and an STS7 for each of the two best arms' second seed (edge extensions add to it)."""
     best = min(2, len(s.arms))
     return 2 + sum(len(s.grid[a]) for a in s.arms) + len(s.arms) + 2 * best
 
@@ -427,15 +451,15 @@ def plan(s: Settings) -> dict[str, Any]:
     """What decides the runs and their rows: the results JSON's ``plan``."""
     return {"arms": list(s.arms), "grid": {a: list(s.grid[a]) for a in s.arms},
             "seeds": list(SEEDS), "epochs": s.epochs, "max_steps": s.max_steps,
-            "overrides": list(s.overrides), "root": _relative(str(s.root)),
-            "stage1": _relative(str(s.stage1))}
+            "extend_edges": s.extend_edges, "overrides": list(s.overrides),
+            "root": _relative(str(s.root)), "stage1": _relative(str(s.stage1))}
 
 
 def possible_commands(s: Settings) -> set[str]:
-    """Every command this plan may run: stage 1, the grid, a second seed at any lr of an arm's
-    grid (the choice is made later), and the STS7 of each."""
-    runs = [stage1_job(s), *grid_jobs(s),
-            *(train_job(arm, lr, SEEDS[1], s) for arm in s.arms for lr in s.grid[arm])]
+    """Every command this plan may run: stage 1, each arm at every lr its grid and edge
+    extensions may reach with either seed (the choices are made later), and the STS7 of each."""
+    runs = [stage1_job(s), *(train_job(arm, lr, seed, s) for arm in s.arms
+                             for lr in reachable_lrs(s, arm) for seed in SEEDS)]
     return {job.shown() for job in [*runs, *(eval_job(run, s) for run in runs)]}
 
 
@@ -471,7 +495,8 @@ def document(s: Settings, driver: Driver, trained: list[Job], evaluated: list[Jo
             for j in evaluated if j.finished]
     arms = {}
     for arm in s.arms:
-        grid = [r for r in runs if r["arm"] == arm and r["seed"] == SEEDS[0]]
+        grid = sorted((r for r in runs if r["arm"] == arm and r["seed"] == SEEDS[0]),
+                      key=lambda r: r["lr"])
         pick = chosen.get(arm)
         evals = [e for e in sts7 if e["arm"] == arm]
         arms[arm] = {"dev_by_lr": {f"{r['lr']:g}": r["stsb_dev_spearman"] for r in grid},
@@ -486,8 +511,9 @@ def execute(s: Settings) -> dict[str, Any]:
     """Run (or continue) the whole plan; returns the final document.
 
     Each job starts once what it needs has finished: the stage-1 STS7 and the grid after the
-    stage-1 run; an arm's STS7 after its whole grid (the lr is chosen then); the second seeds
-    after every arm's choice; a second seed's STS7 after its run.
+    stage-1 run; an arm's STS7 after its whole grid (the lr is chosen then, unless the best dev
+    sits at the grid's edge: then the next lr out runs first, see :func:`edge_lr`); the second
+    seeds after every arm's choice; a second seed's STS7 after its run.
     """
     check_rows_kept(s)
     driver = Driver(s)
@@ -498,6 +524,28 @@ def execute(s: Settings) -> dict[str, Any]:
     stage1 = stage1_job(s)
     grid = grid_jobs(s)
     grid_left = {arm: {j.key for j in grid if j.arm == arm} for arm in s.arms}
+    extended = dict.fromkeys(s.arms, 0)
+
+    def grid_done(arm: str) -> list[Job]:
+        """The arm's whole grid has finished: one more lr past the edge where its best dev sits,
+        or its choice and STS7 (and, with every arm chosen, the second seeds)."""
+        runs = [j for j in grid if j.arm == arm]
+        best = choose_lr(runs)
+        lr = edge_lr([j.lr for j in runs], best.lr) if extended[arm] < s.extend_edges else None
+        if lr is not None:
+            extended[arm] += 1
+            extra = train_job(arm, lr, SEEDS[0], s)
+            grid.append(extra)
+            grid_left[arm].add(extra.key)
+            with driver.lock:  # the lanes print the total
+                driver.total += 1
+            return [extra]
+        chosen[arm] = best
+        ready = [eval_job(best, s)]
+        if len(chosen) == len(s.arms):
+            second.extend(best_arms(chosen))
+            ready += [train_job(a, chosen[a].lr, SEEDS[1], s) for a in second]
+        return ready
 
     def finished(job: Job) -> list[Job]:
         """Record ``job`` in the JSON; the jobs it made ready."""
@@ -513,11 +561,7 @@ def execute(s: Settings) -> dict[str, Any]:
             else:
                 grid_left[job.arm].discard(job.key)
                 if not grid_left[job.arm]:
-                    chosen[job.arm] = choose_lr([j for j in grid if j.arm == job.arm])
-                    ready = [eval_job(chosen[job.arm], s)]
-                    if len(chosen) == len(s.arms):
-                        second.extend(best_arms(chosen))
-                        ready += [train_job(arm, chosen[arm].lr, SEEDS[1], s) for arm in second]
+                    ready = grid_done(job.arm)
         write_result(s.out, document(s, driver, trained, evaluated, chosen, second),
                      s.results_dir)
         return ready
@@ -535,6 +579,9 @@ def dry_run(s: Settings) -> str:
              stage1.shown(), eval_job(stage1, s).shown(),
              f"# 2. the lr grid, seed {SEEDS[0]}, STS-B dev at the end of each run"]
     lines += [j.shown() for j in grid_jobs(s)]
+    if s.extend_edges:
+        lines.append(f"# an arm whose best dev is its grid's highest (lowest) lr also runs at "
+                     f"twice (half) that lr, up to {s.extend_edges} times")
     lines += ["# 3. per arm, STS7 of the run with the best STS-B dev (the test sets choose "
               "nothing), e.g.",
               eval_job(train_job(s.arms[0], s.grid[s.arms[0]][0], SEEDS[0], s), s).shown(),
@@ -585,6 +632,10 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, bool]:
                         help="a finished stage-1 run folder every arm starts from (default: "
                              "<root>/stage1, trained by the plan); variants of the study reuse "
                              "its checkpoint")
+    parser.add_argument("--extend-edges", type=int, default=2, metavar="N",
+                        help="an arm whose best STS-B dev is at its grid's highest (lowest) lr "
+                             "also trains at twice (half) it, up to N times, so that the chosen "
+                             "lr is inside the lrs tried (default 2; 0: the grid as given)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--out", default=RESULT_NAME,
                         help=f"stem of the results JSON (default {RESULT_NAME}); a variant of the "
@@ -602,6 +653,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, bool]:
         parser.error("--epochs must be positive")
     if args.lanes < 1:
         parser.error("--lanes must be >= 1")
+    if args.extend_edges < 0:
+        parser.error("--extend-edges must be >= 0")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.out):
         parser.error(f"--out takes a file stem (letters, digits, _ . -), got {args.out!r}")
     grid = dict(DEFAULT_GRID) | dict(args.grid)
@@ -616,7 +669,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, bool]:
                         max_steps=args.max_steps, stage1_model=args.stage1_model,
                         overrides=tuple(args.overrides), eval_tasks=args.eval_tasks,
                         eval_batch_size=args.eval_batch_size, results_dir=args.results_dir,
-                        lanes=args.lanes, stage1_dir=stage1_dir, out=args.out)
+                        lanes=args.lanes, stage1_dir=stage1_dir, out=args.out,
+                        extend_edges=args.extend_edges)
     return settings, args.dry_run
 
 

@@ -21,13 +21,14 @@ from helpers import load_benchmark
 ROOT = Path(__file__).resolve().parents[2]
 
 # (arm, lr) -> (STS-B dev, STS7 avg): the best dev is never the best STS7, so a choice made on
-# the test sets would pick another lr.
+# the test sets would pick another lr. cosine MSE's best grid lr is its highest and CoSENT's its
+# lowest, so each runs one lr past that edge (2e-3, 1e-4), which scores lower.
 SCORES = {
     ("pearson", 2e-4): (70.0, 90.0), ("pearson", 5e-4): (80.0, 60.0),
     ("pearson", 1e-3): (75.0, 65.0), ("pearson", 2e-3): (72.0, 70.0),
     ("cosine_mse", 2e-4): (60.0, 95.0), ("cosine_mse", 5e-4): (65.0, 50.0),
-    ("cosine_mse", 1e-3): (66.0, 51.0),
-    ("cosent", 2e-4): (79.0, 40.0), ("cosent", 5e-4): (78.0, 99.0),
+    ("cosine_mse", 1e-3): (66.0, 51.0), ("cosine_mse", 2e-3): (63.0, 52.0),
+    ("cosent", 1e-4): (74.0, 41.0), ("cosent", 2e-4): (79.0, 40.0), ("cosent", 5e-4): (78.0, 99.0),
     ("cosent", 1e-3): (77.0, 98.0),
     ("stage1_continued", 1e-4): (50.0, 80.0), ("stage1_continued", 2e-4): (55.0, 70.0),
     ("stage1_continued", 5e-4): (54.0, 88.0),
@@ -126,9 +127,13 @@ def test_lr_is_chosen_by_dev_and_the_two_best_arms_get_a_second_seed(arms):
                       "stage1_continued": 2e-4}
     assert doc["second_seed_arms"] == ["pearson", "cosent"]  # dev 80 and 79 at the chosen lr
     assert doc["arms"]["pearson"]["dev_by_lr"] == {"0.0002": 70.0, "0.0005": 80.0, "0.001": 75.0}
-    # 22 jobs: stage 1 + its STS7, 12 grid runs, 4 STS7, 2 x (second seed + its STS7).
-    assert len(arms.jobs) == 22
-    assert len(doc["runs"]) == 1 + 12 + 2 and len(doc["sts7"]) == 1 + 4 + 2
+    assert doc["arms"]["cosine_mse"]["dev_by_lr"] == {"0.0002": 60.0, "0.0005": 65.0,
+                                                      "0.001": 66.0, "0.002": 63.0}
+    assert list(doc["arms"]["cosent"]["dev_by_lr"]) == ["0.0001", "0.0002", "0.0005", "0.001"]
+    # 24 jobs: stage 1 + its STS7, 12 grid runs + 2 past an edge, 4 STS7, 2 x (second seed +
+    # its STS7).
+    assert len(arms.jobs) == 24
+    assert len(doc["runs"]) == 1 + 14 + 2 and len(doc["sts7"]) == 1 + 4 + 2
     assert {(e["run"], e["avg"]) for e in doc["arms"]["pearson"]["sts7"]} == {
         ("pearson/lr0.0005/seed43", 60.0), ("pearson/lr0.0005/seed44", 62.0)}
     assert doc["arms"]["pearson"]["seed_spread"] == {
@@ -143,6 +148,23 @@ def test_lr_is_chosen_by_dev_and_the_two_best_arms_get_a_second_seed(arms):
     assert doc["sts7"][0]["run"] == "stage1" and doc["sts7"][0]["command"].startswith(
         ".venv/bin/pcc-eval --model ")
     assert doc["machine"]["cpu_model"]
+
+
+def test_the_grid_grows_past_its_edge_at_most_extend_edges_times(arms, monkeypatch):
+    # cosine MSE keeps improving with the lr: 2e-3 and 4e-3 run, then the cap of 2 stops it
+    # and its best lr (4e-3) is chosen.
+    monkeypatch.setitem(SCORES, ("cosine_mse", 2e-3), (67.0, 50.0))
+    monkeypatch.setitem(SCORES, ("cosine_mse", 4e-3), (68.0, 50.0))
+    assert _main(arms, "--arms", "cosine_mse", "pearson") == 0
+    doc = _doc(arms)
+    assert list(doc["arms"]["cosine_mse"]["dev_by_lr"]) == [
+        "0.0002", "0.0005", "0.001", "0.002", "0.004"]
+    assert doc["arms"]["cosine_mse"]["chosen_lr"] == 4e-3
+    assert doc["arms"]["pearson"]["dev_by_lr"] == {"0.0002": 70.0, "0.0005": 80.0, "0.001": 75.0}
+    # Negative control: --extend-edges 0 keeps the grid as given.
+    arms.root, arms.results = arms.root.with_name("fixed"), arms.results.with_name("fixed_res")
+    assert _main(arms, "--arms", "cosine_mse", "--extend-edges", "0") == 0
+    assert list(_doc(arms)["arms"]["cosine_mse"]["dev_by_lr"]) == ["0.0002", "0.0005", "0.001"]
 
 
 def test_grid_runs_every_arms_middle_lr_first(arms):
@@ -165,11 +187,11 @@ def test_lanes_split_the_cpus_and_give_the_same_document(arms, monkeypatch, tmp_
     arms.root, arms.results = tmp_path / "arms2", tmp_path / "results2"
     arms.barrier = threading.Barrier(2)  # the first two grid runs overlap: 4 starts before 3 ends
     assert _main(arms, "--lanes", "2") == 0
-    assert len(arms.jobs) == 22 and set(arms.threads[22:]) == {2}  # 4 CPUs // 2 lanes
+    assert len(arms.jobs) == 24 and set(arms.threads[24:]) == {2}  # 4 CPUs // 2 lanes
     err = capsys.readouterr().err
-    started = dict(re.findall(r"\[(\d+)/22\] (\S+): running", err))
-    ended = dict(re.findall(r"\[(\d+)/22\] (\S+): done in", err))
-    assert started == ended and sorted(map(int, started)) == list(range(1, 23))
+    started = dict(re.findall(r"\[(\d+)/\d+\] (\S+): running", err))
+    ended = dict(re.findall(r"\[(\d+)/\d+\] (\S+): done in", err))
+    assert started == ended and sorted(map(int, started)) == list(range(1, 25))
     assert started["3"] == "pearson/lr0.0005/seed43"  # each job keeps its own place
     two_lanes = _doc(arms)
 
@@ -228,7 +250,7 @@ def test_second_invocation_skips_finished_runs_and_keeps_their_walls(arms, capsy
     assert arms.jobs == []
     second = _doc(arms)
     assert second["runs"] == first["runs"] and second["sts7"] == first["sts7"]
-    assert "[22/22] eval/cosent/lr0.0002/seed44: finished earlier, skipped" in \
+    assert "[24/24] eval/cosent/lr0.0002/seed44: finished earlier, skipped" in \
         capsys.readouterr().err
 
 
@@ -340,7 +362,8 @@ def test_its_own_file_takes_a_subset_of_the_study(arms):
 
 @pytest.mark.parametrize("flag, value, says", [
     ("--stage1-dir", "no/such/run", "not a finished stage-1 run"),
-    ("--out", "a/b", "--out takes a file stem")])
+    ("--out", "a/b", "--out takes a file stem"),
+    ("--extend-edges", "-1", "--extend-edges must be >= 0")])
 def test_bad_variant_flags_are_usage_errors(arms, flag, value, says, capsys):
     with pytest.raises(SystemExit) as info:
         _main(arms, "--dry-run", flag, value)
