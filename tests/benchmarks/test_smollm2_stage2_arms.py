@@ -211,7 +211,7 @@ def test_an_arms_sts7_starts_while_a_slower_arm_still_trains(arms):
     # seeds (they need every arm's choice) wait for it.
     arms.slow = {"stage1_continued/lr0.0005_seed43"}
     assert _main(arms, "--lanes", "2") == 0
-    start, end = arms.spans["stage1_continued/lr0.0005_seed43"]
+    end = arms.spans["stage1_continued/lr0.0005_seed43"][1]
     for arm, lr in (("pearson", "0.0005"), ("cosine_mse", "0.001"), ("cosent", "0.0002")):
         assert arms.spans[f"eval/{arm}/lr{lr}_seed43"][0] < end
     after = [key for key, (begin, _) in arms.spans.items() if begin >= end]
