@@ -90,6 +90,7 @@ DEFAULT_GRID = {
     "cosent": (2e-4, 5e-4, 1e-3),
     "stage1_continued": (1e-4, 2e-4, 5e-4),
 }
+EDGE_STEP = 2  # an edge extension tries the highest lr times EDGE_STEP, or the lowest divided by it
 SEEDS = (43, 44)  # the arms' recipes use 43; the second seed of the two best arms is 44
 # Stage-1 continued runs as many steps as one epoch of the stage-2 arms: its recipe's max_steps
 # (83 = 5,318 // 64); --epochs scales it.
@@ -250,9 +251,9 @@ def edge_lr(lrs: Sequence[float], best: float) -> float | None:
     if len(lrs) < 2:
         return None
     if best == max(lrs):
-        return best * 2
+        return best * EDGE_STEP
     if best == min(lrs):
-        return best / 2
+        return best / EDGE_STEP
     return None
 
 
@@ -262,7 +263,7 @@ def reachable_lrs(s: Settings, arm: str) -> list[float]:
     if len(lrs) < 2:
         return lrs
     steps = range(1, s.extend_edges + 1)
-    return lrs + [max(lrs) * 2**k for k in steps] + [min(lrs) / 2**k for k in steps]
+    return lrs + [max(lrs) * EDGE_STEP**k for k in steps] + [min(lrs) / EDGE_STEP**k for k in steps]
 
 
 def planned_count(s: Settings) -> int:
