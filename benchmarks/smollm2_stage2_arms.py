@@ -111,6 +111,10 @@ class Job:
         run_dir: The run folder (trained, or evaluated).
         command: The exact argv.
         done_file: Present once the job finished (``results.json`` / ``sts7.json``).
+        row: The row an earlier invocation wrote to the results JSON for this exact command
+            (None if there is none): the job is finished even where its folder is not here.
+        needs: The finished run whose folder this job reads (the stage-1 run for a training
+            run, the trained run for an STS7); None for the stage-1 run.
     """
 
     key: str
@@ -120,10 +124,17 @@ class Job:
     run_dir: Path
     command: tuple[str, ...]
     done_file: Path
+    row: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
+    needs: Job | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def on_disk(self) -> bool:
+        """Its run folder holds its outcome (``results.json`` / ``sts7.json``)."""
+        return self.done_file.is_file()
 
     @property
     def finished(self) -> bool:
-        return self.done_file.is_file()
+        return self.row is not None or self.on_disk
 
     def shown(self) -> str:
         """The command as a user types it from the repository root (``.venv/bin/...``)."""
@@ -156,6 +167,8 @@ class Settings:
     stage1_dir: Path | None = None  # a finished stage-1 run to start from (default <root>/stage1)
     extend_edges: int = 2  # times an arm's grid may grow past the edge where its best dev sits
     out: str = RESULT_NAME  # the results JSON's stem
+    # Rows of the results JSON by command (runs and STS7): what an earlier invocation finished.
+    recorded: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def stage1(self) -> Path:
@@ -182,6 +195,11 @@ def _lr_name(lr: float) -> str:
     return f"lr{lr:g}"
 
 
+def _with_row(job: Job, s: Settings) -> Job:
+    """``job`` with the row the results JSON holds for its exact command, if any."""
+    return dataclasses.replace(job, row=s.recorded.get(job.shown()))
+
+
 def stage1_job(s: Settings) -> Job:
     run_dir = s.stage1
     command = [str(BIN / "pcc-train"), "--config", str(STAGE1_RECIPE),
@@ -191,7 +209,8 @@ def stage1_job(s: Settings) -> Job:
     if s.max_steps is not None:
         command.append(f"stage1.max_steps={s.max_steps}")
     command += _common_overrides(s)
-    return Job("stage1", "stage1", None, 42, run_dir, tuple(command), run_dir / "results.json")
+    return _with_row(Job("stage1", "stage1", None, 42, run_dir, tuple(command),
+                         run_dir / "results.json"), s)
 
 
 def _budget(arm: str, s: Settings) -> list[str]:
@@ -215,7 +234,8 @@ def train_job(arm: str, lr: float, seed: int, s: Settings) -> Job:
                f"run.output_dir={run_dir}", f"run.name=smollm2_arm_{arm}_{_lr_name(lr)}_s{seed}",
                f"model.name_or_path={s.stage1}", f"{stage}.lr={lr:g}",
                f"run.seed={seed}", *_budget(arm, s), *_common_overrides(s)]
-    return Job(name, arm, lr, seed, run_dir, tuple(command), run_dir / "results.json")
+    return _with_row(Job(name, arm, lr, seed, run_dir, tuple(command), run_dir / "results.json",
+                         needs=stage1_job(s)), s)
 
 
 def eval_job(trained: Job, s: Settings) -> Job:
@@ -225,8 +245,8 @@ def eval_job(trained: Job, s: Settings) -> Job:
                str(s.eval_batch_size), "--json", str(out)]
     if s.eval_tasks:
         command += ["--tasks", s.eval_tasks]
-    return Job(f"eval/{trained.key}", trained.arm, trained.lr, trained.seed, trained.run_dir,
-               tuple(command), out)
+    return _with_row(Job(f"eval/{trained.key}", trained.arm, trained.lr, trained.seed,
+                         trained.run_dir, tuple(command), out, needs=trained), s)
 
 
 def middle_first(count: int) -> list[int]:
@@ -278,7 +298,9 @@ def planned_count(s: Settings) -> int:
 
 def dev_score(job: Job) -> float | None:
     """STS-B dev Spearman at the end of a finished training run (its stage's outcome)."""
-    if not job.finished:
+    if job.row is not None:
+        return job.row["stsb_dev_spearman"]
+    if not job.on_disk:
         return None
     stages = json.loads(job.done_file.read_text())["stages"]
     outcome = stages.get("stage1" if job.arm in ("stage1", "stage1_continued") else "stage2")
@@ -302,8 +324,19 @@ def best_arms(chosen: dict[str, Job], count: int = 2) -> list[str]:
     return sorted(chosen, key=lambda arm: dev_score(chosen[arm]), reverse=True)[:count]
 
 
+def surely_best_arms(chosen: dict[str, Job], arms: Sequence[str], count: int = 2) -> list[str]:
+    """The chosen arms already certain to be among the ``count`` best, whatever the arms not
+    chosen yet score: each arm chosen later can push an arm down one place at most, so an arm
+    at place ``i`` (0-based) among the chosen is sure when ``i + not chosen < count``. With
+    every arm chosen this is :func:`best_arms`."""
+    waiting = len(arms) - len(chosen)
+    return [arm for place, arm in enumerate(best_arms(chosen, count)) if place + waiting < count]
+
+
 def run_record(job: Job, wall: float | None, resumed: bool) -> dict[str, Any]:
-    """The JSON row of a finished training run."""
+    """The JSON row of a finished training run: the recorded one, else from its folder."""
+    if job.row is not None:
+        return job.row
     results = json.loads(job.done_file.read_text())
     stage = next(iter(results["stages"].values()))
     return {"run": job.key, "arm": job.arm, "lr": job.lr, "seed": job.seed,
@@ -314,10 +347,24 @@ def run_record(job: Job, wall: float | None, resumed: bool) -> dict[str, Any]:
 
 
 def sts_record(job: Job, wall: float | None) -> dict[str, Any]:
-    """The JSON row of a finished STS7 evaluation."""
+    """The JSON row of a finished STS7 evaluation: the recorded one, else from its folder."""
+    if job.row is not None:
+        return job.row
     result = json.loads(job.done_file.read_text())
-    return {"command": job.shown(), "wall_seconds": wall,
+    return {"run": job.key.removeprefix("eval/"), "arm": job.arm, "lr": job.lr, "seed": job.seed,
+            "command": job.shown(), "wall_seconds": wall,
             "spearman": result["spearman"], "avg": result["avg"]}
+
+
+def rebuild_record(job: Job, wall: float | None, resumed: bool) -> dict[str, Any]:
+    """What a recorded run's folder here holds, against its row: ``identical`` when its dev
+    score and final loss are the recorded ones to the last bit (the run is deterministic on
+    one machine and thread count, so a rerun of the same command reproduces it)."""
+    fresh = run_record(dataclasses.replace(job, row=None), wall, resumed)
+    return {"wall_seconds": wall, "resumed": resumed,
+            "stsb_dev_spearman": fresh["stsb_dev_spearman"], "final_loss": fresh["final_loss"],
+            "identical": (fresh["stsb_dev_spearman"], fresh["final_loss"])
+            == (job.row["stsb_dev_spearman"], job.row["final_loss"])}
 
 
 def seed_spread(evals: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -367,18 +414,12 @@ class Driver:
         self.index = 0
         self.started = time.perf_counter()
         self.walls: dict[str, tuple[float | None, bool]] = {}
-        self.earlier = self._earlier_walls()
+        # Recorded runs whose folder a job of this invocation read: what the folder held against
+        # the row (see rebuild_record), and one lock per folder so that two lanes needing the
+        # same missing folder run it once.
+        self.rebuilt: dict[str, dict[str, Any] | None] = {}
+        self.folder_locks: dict[str, threading.Lock] = {}
         self.machine = machine_facts()
-
-    def _earlier_walls(self) -> dict[str, tuple[float | None, bool]]:
-        """Wall times an earlier invocation measured for runs this one will skip."""
-        if not self.s.result_path.is_file():
-            return {}
-        doc = json.loads(self.s.result_path.read_text())
-        walls = {r["run"]: (r["wall_seconds"], r["resumed"]) for r in doc.get("runs", [])}
-        for entry in doc.get("sts7", []):
-            walls[f"eval/{entry['run']}"] = (entry["wall_seconds"], False)
-        return walls
 
     def progress(self, position: int, job: Job, what: str) -> None:
         """``[i/n] job: what (elapsed ...)`` on stderr; i is the job's place in the plan."""
@@ -393,10 +434,59 @@ class Driver:
             self.index += 1
             position = self.index
             if job.finished:
-                self.walls[job.key] = self.earlier.get(job.key, (None, False))
-                self.progress(position, job, "finished earlier, skipped")
+                where = "" if job.on_disk else " (recorded in the results JSON, folder not here)"
+                self.progress(position, job, f"finished earlier{where}, skipped")
                 return
-            resumed = job.command[0].endswith("pcc-train") and has_checkpoint(job.run_dir)
+        self.provide_folder(job.needs, position)
+        self.walls[job.key] = self.run_command(job, position)
+
+    def provide_folder(self, job: Job | None, position: int) -> None:
+        """Make sure the folder of a recorded run ``job`` is here before a job reads it.
+
+        On a fresh machine the results JSON holds the finished runs but not their folders: the
+        missing one runs again with its exact command (continued from its newest checkpoint if
+        a rebuild was interrupted). Its outcome is compared with the row (:func:`rebuild_record`)
+        and kept beside it as ``rebuilt``, as is a folder found here that differs from its row;
+        a difference is reported, not fatal: the row keeps what the study measured, and the
+        new jobs read the folder here.
+        """
+        if job is None or job.row is None:
+            return  # not recorded: the plan's order already finished it (or it is stage 1)
+        with self.lock:
+            folder_lock = self.folder_locks.setdefault(job.key, threading.Lock())
+        with folder_lock:
+            if job.key in self.rebuilt:
+                return
+            wall, resumed = None, False
+            rebuilt_now = not job.on_disk
+            if rebuilt_now:
+                self.provide_folder(job.needs, position)
+                with self.lock:
+                    self.progress(position, job, "rebuilding: recorded in the results JSON, but "
+                                  "its folder is not here and the next job reads it")
+                wall, resumed = self.run_command(job, position)
+            check = rebuild_record(job, wall, resumed)
+            earlier = job.row.get("rebuilt")
+            if not rebuilt_now and earlier and all(earlier[k] == check[k] for k in (
+                    "stsb_dev_spearman", "final_loss")):
+                check = earlier  # the folder an earlier invocation rebuilt: keep its record
+            if rebuilt_now or not check["identical"] or check is earlier:
+                self.rebuilt[job.key] = check
+            else:
+                self.rebuilt[job.key] = None  # the recorded run's own folder: nothing to add
+            if not check["identical"]:
+                with self.lock:
+                    self.progress(position, job, "WARNING: its folder here differs from the "
+                                  f"recorded run (dev {check['stsb_dev_spearman']!r}, recorded "
+                                  f"{job.row['stsb_dev_spearman']!r}); the jobs after it read "
+                                  "this folder")
+
+    def run_command(self, job: Job, position: int) -> tuple[float | None, bool]:
+        """Run ``job``'s command (an interrupted training run continues from its newest
+        checkpoint); its wall time (None when continued: it covers only the rest) and whether
+        it was continued. Raises RuntimeError when it fails."""
+        resumed = job.command[0].endswith("pcc-train") and has_checkpoint(job.run_dir)
+        with self.lock:
             self.progress(position, job,
                           "resuming from its newest checkpoint" if resumed else "running")
         log = self.s.root / "logs" / f"{job.key.replace('/', '_')}.log"
@@ -407,17 +497,16 @@ class Driver:
             handle.flush()
             code = launch(list(job.command), handle, self.threads)
         wall = time.perf_counter() - start
-        if code != 0 or not job.finished:
+        if code != 0 or not job.on_disk:
             with self.lock:  # at once: with lanes, the error itself waits for the running jobs
                 self.progress(position, job, f"failed (exit {code}, log {log}); no new job "
                               "starts")
             tail = "".join(log.read_text(errors="replace").splitlines(True)[-30:])
             raise RuntimeError(f"{job.key} exited {code} (log {log}); rerun this command to "
                                f"continue it from its newest checkpoint. Last lines:\n{tail}")
-        # A resumed run's wall time covers only what was left of it.
         with self.lock:
-            self.walls[job.key] = (None if resumed else wall, resumed)
             self.progress(position, job, f"done in {wall:.0f} s")
+        return (None if resumed else wall), resumed
 
     def run_all(self, jobs: Sequence[Job], finished: Callable[[Job], list[Job]]) -> None:
         """Run ``jobs`` and the jobs they make ready, ``s.lanes`` at a time, in queue order.
@@ -489,10 +578,12 @@ def check_rows_kept(s: Settings) -> None:
 
 def document(s: Settings, driver: Driver, trained: list[Job], evaluated: list[Job],
              chosen: dict[str, Job], second: list[str]) -> dict[str, Any]:
-    """The results JSON from the finished jobs so far."""
+    """The results JSON from the finished jobs so far (recorded rows kept as they were, with
+    what a rebuilt folder held beside them)."""
     runs = [run_record(j, *driver.walls.get(j.key, (None, False))) for j in trained if j.finished]
-    sts7 = [{"run": j.key.removeprefix("eval/"), "arm": j.arm, "lr": j.lr, "seed": j.seed}
-            | sts_record(j, driver.walls.get(j.key, (None, False))[0])
+    runs = [row | {"rebuilt": driver.rebuilt[row["run"]]} if driver.rebuilt.get(row["run"])
+            else row for row in runs]
+    sts7 = [sts_record(j, driver.walls.get(j.key, (None, False))[0])
             for j in evaluated if j.finished]
     arms = {}
     for arm in s.arms:
@@ -504,8 +595,9 @@ def document(s: Settings, driver: Driver, trained: list[Job], evaluated: list[Jo
                      "chosen_lr": pick.lr if pick else None,
                      "chosen_by": "STS-B dev Spearman at the end of the run",
                      "sts7": evals, "seed_spread": seed_spread(evals)}
+    second_best_first = best_arms({a: chosen[a] for a in second}, len(second))
     return {"machine": driver.machine, "plan": plan(s), "runs": runs, "sts7": sts7,
-            "arms": arms, "second_seed_arms": second}
+            "arms": arms, "second_seed_arms": second_best_first}
 
 
 def execute(s: Settings) -> dict[str, Any]:
@@ -513,10 +605,15 @@ def execute(s: Settings) -> dict[str, Any]:
 
     Each job starts once what it needs has finished: the stage-1 STS7 and the grid after the
     stage-1 run; an arm's STS7 after its whole grid (the lr is chosen then, unless the best dev
-    sits at the grid's edge: then the next lr out runs first, see :func:`edge_lr`); the second
-    seeds after every arm's choice; a second seed's STS7 after its run.
+    sits at the grid's edge: then the next lr out runs first, see :func:`edge_lr`); an arm's
+    second seed once it is sure to be among the two best (:func:`surely_best_arms`); a second
+    seed's STS7 after its run. Jobs the results JSON records are finished (see
+    :meth:`Driver.provide_folder` for the folders a fresh machine lacks).
     """
     check_rows_kept(s)
+    if s.result_path.is_file():
+        earlier = json.loads(s.result_path.read_text())
+        s.recorded = {row["command"]: row for row in earlier["runs"] + earlier["sts7"]}
     driver = Driver(s)
     trained: list[Job] = []
     evaluated: list[Job] = []
@@ -543,9 +640,10 @@ def execute(s: Settings) -> dict[str, Any]:
             return [extra]
         chosen[arm] = best
         ready = [eval_job(best, s)]
-        if len(chosen) == len(s.arms):
-            second.extend(best_arms(chosen))
-            ready += [train_job(a, chosen[a].lr, SEEDS[1], s) for a in second]
+        for sure in surely_best_arms(chosen, s.arms):
+            if sure not in second:
+                second.append(sure)
+                ready.append(train_job(sure, chosen[sure].lr, SEEDS[1], s))
         return ready
 
     def finished(job: Job) -> list[Job]:
