@@ -333,35 +333,39 @@ def surely_best_arms(chosen: dict[str, Job], arms: Sequence[str], count: int = 2
     return [arm for place, arm in enumerate(best_arms(chosen, count)) if place + waiting < count]
 
 
-def run_record(job: Job, wall: float | None, resumed: bool) -> dict[str, Any]:
-    """The JSON row of a finished training run: the recorded one, else from its folder."""
+def run_record(job: Job, wall: float | None, resumed: bool, cpu_model: str) -> dict[str, Any]:
+    """The JSON row of a finished training run: the recorded one, else from its folder (with
+    the CPU it ran on: a study that spans sessions may span machines, and wall times with
+    them)."""
     if job.row is not None:
         return job.row
     results = json.loads(job.done_file.read_text())
     stage = next(iter(results["stages"].values()))
     return {"run": job.key, "arm": job.arm, "lr": job.lr, "seed": job.seed,
             "run_dir": _relative(str(job.run_dir)), "command": job.shown(),
-            "wall_seconds": wall, "resumed": resumed, "steps": stage["steps"],
+            "wall_seconds": wall, "resumed": resumed, "cpu_model": cpu_model,
+            "steps": stage["steps"],
             "train_seconds": stage["train_seconds"], "final_loss": stage["final_loss"],
             "stsb_dev_spearman": stage["stsb_dev_spearman"]}
 
 
-def sts_record(job: Job, wall: float | None) -> dict[str, Any]:
+def sts_record(job: Job, wall: float | None, cpu_model: str) -> dict[str, Any]:
     """The JSON row of a finished STS7 evaluation: the recorded one, else from its folder."""
     if job.row is not None:
         return job.row
     result = json.loads(job.done_file.read_text())
     return {"run": job.key.removeprefix("eval/"), "arm": job.arm, "lr": job.lr, "seed": job.seed,
-            "command": job.shown(), "wall_seconds": wall,
+            "command": job.shown(), "wall_seconds": wall, "cpu_model": cpu_model,
             "spearman": result["spearman"], "avg": result["avg"]}
 
 
-def rebuild_record(job: Job, wall: float | None, resumed: bool) -> dict[str, Any]:
+def rebuild_record(job: Job, wall: float | None, resumed: bool,
+                   cpu_model: str) -> dict[str, Any]:
     """What a recorded run's folder here holds, against its row: ``identical`` when its dev
     score and final loss are the recorded ones to the last bit (the run is deterministic on
     one machine and thread count, so a rerun of the same command reproduces it)."""
-    fresh = run_record(dataclasses.replace(job, row=None), wall, resumed)
-    return {"wall_seconds": wall, "resumed": resumed,
+    fresh = run_record(dataclasses.replace(job, row=None), wall, resumed, cpu_model)
+    return {"wall_seconds": wall, "resumed": resumed, "cpu_model": cpu_model,
             "stsb_dev_spearman": fresh["stsb_dev_spearman"], "final_loss": fresh["final_loss"],
             "identical": (fresh["stsb_dev_spearman"], fresh["final_loss"])
             == (job.row["stsb_dev_spearman"], job.row["final_loss"])}
@@ -465,7 +469,7 @@ class Driver:
                     self.progress(position, job, "rebuilding: recorded in the results JSON, but "
                                   "its folder is not here and the next job reads it")
                 wall, resumed = self.run_command(job, position)
-            check = rebuild_record(job, wall, resumed)
+            check = rebuild_record(job, wall, resumed, self.machine["cpu_model"])
             earlier = job.row.get("rebuilt")
             if not rebuilt_now and earlier and all(earlier[k] == check[k] for k in (
                     "stsb_dev_spearman", "final_loss")):
@@ -580,10 +584,12 @@ def document(s: Settings, driver: Driver, trained: list[Job], evaluated: list[Jo
              chosen: dict[str, Job], second: list[str]) -> dict[str, Any]:
     """The results JSON from the finished jobs so far (recorded rows kept as they were, with
     what a rebuilt folder held beside them)."""
-    runs = [run_record(j, *driver.walls.get(j.key, (None, False))) for j in trained if j.finished]
+    cpu = driver.machine["cpu_model"]
+    runs = [run_record(j, *driver.walls.get(j.key, (None, False)), cpu)
+            for j in trained if j.finished]
     runs = [row | {"rebuilt": driver.rebuilt[row["run"]]} if driver.rebuilt.get(row["run"])
             else row for row in runs]
-    sts7 = [sts_record(j, driver.walls.get(j.key, (None, False))[0])
+    sts7 = [sts_record(j, driver.walls.get(j.key, (None, False))[0], cpu)
             for j in evaluated if j.finished]
     arms = {}
     for arm in s.arms:

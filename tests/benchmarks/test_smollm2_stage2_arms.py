@@ -10,6 +10,7 @@ The ``slow`` test runs the real commands on a tiny Llama, one step per run.
 import importlib
 import json
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -49,6 +50,7 @@ def arms(tmp_path, monkeypatch):
     module.checkpoint_before_failing = True
     module.slow = set()  # run folders ("arm/lr..._seed..") whose job takes 1 s
     module.spans = {}  # run folder (and "eval/" + it) -> (start, end) perf_counter times
+    module.stage1_dev = 40.0
 
     def fake_run(command, log, threads=None):
         module.jobs.append(command)
@@ -80,7 +82,7 @@ def arms(tmp_path, monkeypatch):
             seed = int(_arg(command, "run.seed=")) if arm != "stage1" else 42
             lr = float(_arg(command, "stage1.lr=" if arm == "stage1_continued" else
                             "stage2.lr=")) if arm != "stage1" else None
-            dev = SCORES[(arm, lr)][0] + (seed - 43) if lr else 40.0
+            dev = SCORES[(arm, lr)][0] + (seed - 43) if lr else module.stage1_dev
             stage = "stage1" if arm in ("stage1", "stage1_continued") else "stage2"
             (run / "results.json").write_text(json.dumps({"stages": {stage: {
                 "steps": 83, "train_seconds": 10.0, "final_loss": 0.5,
@@ -351,6 +353,49 @@ def test_a_plan_that_extends_the_grid_keeps_every_row(arms):
     after = {r["run"]: r for r in _doc(arms)["runs"]}
     assert set(after) == set(before) | {"pearson/lr0.002/seed43"}
     assert all(after[run] == row for run, row in before.items())  # wall times included
+
+
+def _fresh_machine(arms):
+    """What a new checkout holds: the committed results JSON, no run folders."""
+    shutil.rmtree(arms.root)
+    arms.jobs.clear()
+
+
+@pytest.mark.parametrize("stage1_dev, identical", [(40.0, True), (41.0, False)])
+def test_a_fresh_machine_reruns_only_the_folders_a_next_job_reads(arms, capsys, stage1_dev,
+                                                                  identical):
+    assert _main(arms, "--arms", "pearson") == 0
+    before = {r["run"]: r for r in _doc(arms)["runs"]}
+    _fresh_machine(arms)
+    arms.stage1_dev = stage1_dev  # the rerun reproduces the recorded stage-1 run, or does not
+    # A grid extended by one lr: that run needs the stage-1 folder, and nothing else reruns.
+    assert _main(arms, "--arms", "pearson", "--grid", "pearson=2e-4,5e-4,1e-3,2e-3") == 0
+    assert [_span_key(c) for c in arms.jobs] == ["arms/stage1", "pearson/lr0.002_seed43"]
+    after = {r["run"]: r for r in _doc(arms)["runs"]}
+    rebuilt = after["stage1"].pop("rebuilt")
+    assert after["stage1"] == before["stage1"]  # the row keeps what was measured first
+    assert rebuilt["identical"] is identical and rebuilt["stsb_dev_spearman"] == stage1_dev
+    assert rebuilt["wall_seconds"] >= 0 and not rebuilt["resumed"]
+    machine = _doc(arms)["machine"]["cpu_model"]
+    assert rebuilt["cpu_model"] == after["stage1"]["cpu_model"] == machine
+    assert ("stage1: WARNING: its folder here differs from the recorded run" in
+            capsys.readouterr().err) is not identical
+    assert all(after[run] == row for run, row in before.items() if run != "stage1")
+
+
+def test_an_sts7_on_a_fresh_machine_first_rebuilds_the_run_it_scores(arms):
+    assert _main(arms, "--arms", "pearson") == 0
+    _fresh_machine(arms)
+    doc = _doc(arms)  # the STS7 of the chosen run (5e-4, seed 43) was never recorded
+    doc["sts7"] = [e for e in doc["sts7"] if e["run"] != "pearson/lr0.0005/seed43"]
+    (arms.results / "smollm2_stage2_arms.json").write_text(json.dumps(doc))
+    assert _main(arms, "--arms", "pearson") == 0
+    assert [_span_key(c) for c in arms.jobs] == [
+        "arms/stage1", "pearson/lr0.0005_seed43", "eval/pearson/lr0.0005_seed43"]
+    rows = {r["run"]: r for r in _doc(arms)["runs"]}
+    assert rows["stage1"]["rebuilt"]["identical"]
+    assert rows["pearson/lr0.0005/seed43"]["rebuilt"]["identical"]
+    assert "rebuilt" not in rows["pearson/lr0.0005/seed44"]  # its folder was not needed
 
 
 def test_its_own_file_takes_a_subset_of_the_study(arms):
