@@ -29,11 +29,14 @@ failed job starts nothing new; the jobs already running finish, then the driver 
 it.
 
 ``benchmarks/results/smollm2_stage2_arms.json`` is rewritten after every finished run with the
-exact commands, wall times, dev and STS7 scores and the seed spread. Resumable: a run whose
-``results.json`` (training) or ``sts7.json`` (evaluation) exists is skipped; a run folder without
-it is an interrupted run, and the same ``pcc-train`` command continues it from its newest
-checkpoint (``checkpoint.resume=auto``; pcc-train has no ``--resume`` flag), or from step 0 if
-it stopped before its first one (then its wall time counts as a whole run's). Each job's output
+exact commands, wall times, the CPU, dev and STS7 scores and the seed spread. Resumable: a job
+whose exact command has a row in that JSON, or whose ``results.json`` (training) or ``sts7.json``
+(evaluation) exists, is skipped. On a fresh machine (the JSON committed, no run folders) only a
+folder that a next job reads is rebuilt with its recorded command, and compared with its row
+(:meth:`Driver.provide_folder`). A run folder without its ``results.json`` is an interrupted
+run, and the same ``pcc-train`` command continues it from its newest checkpoint
+(``checkpoint.resume=auto``; pcc-train has no ``--resume`` flag), or from step 0 if it stopped
+before its first one (then its wall time counts as a whole run's). Each job's output
 goes to ``<root>/logs/<run>.log``; progress lines (run i of n, elapsed) go to stderr.
 
 Usage:
