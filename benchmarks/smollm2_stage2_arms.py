@@ -473,14 +473,11 @@ class Driver:
                                   "its folder is not here and the next job reads it")
                 wall, resumed = self.run_command(job, position)
             check = rebuild_record(job, wall, resumed, self.machine["cpu_model"])
-            earlier = job.row.get("rebuilt")
-            if not rebuilt_now and earlier and all(earlier[k] == check[k] for k in (
-                    "stsb_dev_spearman", "final_loss")):
-                check = earlier  # the folder an earlier invocation rebuilt: keep its record
-            if rebuilt_now or not check["identical"] or check is earlier:
-                self.rebuilt[job.key] = check
-            else:
-                self.rebuilt[job.key] = None  # the recorded run's own folder: nothing to add
+            known = job.row.get("rebuilt")  # an earlier invocation's rebuild of this folder
+            described = check["identical"] or known is not None and all(
+                known[k] == check[k] for k in ("stsb_dev_spearman", "final_loss"))
+            # Nothing to add for a folder the row already describes (its own, or its rebuild).
+            self.rebuilt[job.key] = None if described and not rebuilt_now else check
             if not check["identical"]:
                 with self.lock:
                     self.progress(position, job, "WARNING: its folder here differs from the "
