@@ -416,7 +416,7 @@ class Driver:
         self.s = s
         # One lane inherits the caller's OMP_NUM_THREADS; N lanes split the CPUs between them.
         self.threads = None if s.lanes == 1 else max(1, usable_cpus() // s.lanes)
-        self.lock = threading.Lock()  # the job counter and the progress lines, across lanes
+        self.lock = threading.Lock()  # progress lines, the total, folder locks: across lanes
         self.total = planned_count(s)
         self.index = 0
         self.started = time.perf_counter()
@@ -435,11 +435,10 @@ class Driver:
               f"{int(elapsed // 3600)}h{int(elapsed % 3600 // 60):02d}m{int(elapsed % 60):02d}s)",
               file=sys.stderr, flush=True)
 
-    def run(self, job: Job) -> None:
-        """Run ``job`` unless it finished before; an interrupted training run is continued."""
+    def run(self, job: Job, position: int) -> None:
+        """Run ``job``, the ``position``-th of the plan, unless it finished before; an
+        interrupted training run is continued."""
         with self.lock:
-            self.index += 1
-            position = self.index
             if job.finished:
                 where = "" if job.on_disk else " (recorded in the results JSON, folder not here)"
                 self.progress(position, job, f"finished earlier{where}, skipped")
@@ -527,7 +526,9 @@ class Driver:
             while running or (queue and not failures):
                 while queue and not failures and len(running) < self.s.lanes:
                     job = queue.popleft()
-                    running[pool.submit(self.run, job)] = job
+                    # Numbered here, in queue order: a lane's thread may start after the next.
+                    self.index += 1
+                    running[pool.submit(self.run, job, self.index)] = job
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     job = running.pop(future)
@@ -557,16 +558,13 @@ def possible_commands(s: Settings) -> set[str]:
     return {job.shown() for job in [*runs, *(eval_job(run, s) for run in runs)]}
 
 
-def check_rows_kept(s: Settings) -> None:
-    """Refuse to rewrite a results JSON whose rows this plan would drop.
+def check_rows_kept(s: Settings, earlier: dict[str, Any]) -> None:
+    """Refuse to rewrite the results JSON ``earlier`` when this plan would drop its rows.
 
     The document lists only this plan's jobs, so ``--arms pearson`` or a smoke test on the
     study's file would lose the other rows and their wall times; a plan that extends the study
     (another lr in a grid, another arm) keeps them all and may rewrite it.
     """
-    if not s.result_path.is_file():
-        return
-    earlier = json.loads(s.result_path.read_text())
     ours = possible_commands(s)
     dropped = [row["run"] for row in earlier.get("runs", []) if row["command"] not in ours]
     dropped += [f"eval/{row['run']}" for row in earlier.get("sts7", [])
@@ -616,9 +614,9 @@ def execute(s: Settings) -> dict[str, Any]:
     seed's STS7 after its run. Jobs the results JSON records are finished (see
     :meth:`Driver.provide_folder` for the folders a fresh machine lacks).
     """
-    check_rows_kept(s)
     if s.result_path.is_file():
         earlier = json.loads(s.result_path.read_text())
+        check_rows_kept(s, earlier)
         s.recorded = {row["command"]: row for row in earlier["runs"] + earlier["sts7"]}
     driver = Driver(s)
     trained: list[Job] = []
