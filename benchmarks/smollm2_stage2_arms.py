@@ -169,6 +169,8 @@ class Settings:
     lanes: int = 1
     stage1_dir: Path | None = None  # a finished stage-1 run to start from (default <root>/stage1)
     extend_edges: int = 2  # times an arm's grid may grow past the edge where its best dev sits
+    second_seeds: int = 2  # arms (best dev first) that also train with the second seed
+    seeds: tuple[int, int] = SEEDS  # the grid's seed, the second seed
     out: str = RESULT_NAME  # the results JSON's stem
     # Rows of the results JSON by command (runs and STS7): what an earlier invocation finished.
     recorded: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -203,15 +205,30 @@ def _with_row(job: Job, s: Settings) -> Job:
     return dataclasses.replace(job, row=s.recorded.get(job.shown()))
 
 
+def _recorded_command(run_dir: Path, s: Settings) -> list[str] | None:
+    """The command that trained ``run_dir`` as a results JSON in ``s.results_dir`` records it
+    (a variant may start from any run of the study, e.g. the control's); None if none does."""
+    for path in sorted(s.results_dir.glob("*.json")):
+        for row in json.loads(path.read_text()).get("runs", []):
+            if row.get("run_dir") == _relative(str(run_dir)) and "command" in row:
+                argv = shlex.split(row["command"])
+                return [str(BIN / Path(argv[0]).name), *argv[1:]]
+    return None
+
+
 def stage1_job(s: Settings) -> Job:
+    """The run every arm starts from: the stage-1 recipe, or with ``--stage1-dir`` the command
+    a results JSON records for that folder (the recipe's if none does)."""
     run_dir = s.stage1
-    command = [str(BIN / "pcc-train"), "--config", str(STAGE1_RECIPE),
-               f"run.output_dir={run_dir}"]
-    if s.stage1_model:
-        command.append(f"model.name_or_path={s.stage1_model}")
-    if s.max_steps is not None:
-        command.append(f"stage1.max_steps={s.max_steps}")
-    command += _common_overrides(s)
+    command = _recorded_command(run_dir, s) if s.stage1_dir else None
+    if command is None:
+        command = [str(BIN / "pcc-train"), "--config", str(STAGE1_RECIPE),
+                   f"run.output_dir={run_dir}"]
+        if s.stage1_model:
+            command.append(f"model.name_or_path={s.stage1_model}")
+        if s.max_steps is not None:
+            command.append(f"stage1.max_steps={s.max_steps}")
+        command += _common_overrides(s)
     return _with_row(Job("stage1", "stage1", None, 42, run_dir, tuple(command),
                          run_dir / "results.json"), s)
 
@@ -263,7 +280,7 @@ def grid_jobs(s: Settings) -> list[Job]:
     the next position of every arm, so that a plan cut short has compared every arm."""
     jobs = []
     for position in middle_first(max(len(s.grid[arm]) for arm in s.arms)):
-        jobs += [train_job(arm, s.grid[arm][position], SEEDS[0], s)
+        jobs += [train_job(arm, s.grid[arm][position], s.seeds[0], s)
                  for arm in s.arms if position < len(s.grid[arm])]
     return jobs
 
@@ -291,8 +308,8 @@ def reachable_lrs(s: Settings, arm: str) -> list[float]:
 
 def planned_count(s: Settings) -> int:
     """Jobs in the whole plan: stage 1 and its STS7, the grid, one STS7 per arm, and a training
-    run and an STS7 for each of the two best arms' second seed (edge extensions add to it)."""
-    best = min(2, len(s.arms))
+    run and an STS7 for each second seed (edge extensions add to it)."""
+    best = min(s.second_seeds, len(s.arms))
     return 2 + sum(len(s.grid[a]) for a in s.arms) + len(s.arms) + 2 * best
 
 
@@ -545,7 +562,8 @@ class Driver:
 def plan(s: Settings) -> dict[str, Any]:
     """What decides the runs and their rows: the results JSON's ``plan``."""
     return {"arms": list(s.arms), "grid": {a: list(s.grid[a]) for a in s.arms},
-            "seeds": list(SEEDS), "epochs": s.epochs, "max_steps": s.max_steps,
+            "seeds": list(s.seeds), "second_seeds": s.second_seeds, "epochs": s.epochs,
+            "max_steps": s.max_steps,
             "extend_edges": s.extend_edges, "overrides": list(s.overrides),
             "root": _relative(str(s.root)), "stage1": _relative(str(s.stage1))}
 
@@ -554,7 +572,7 @@ def possible_commands(s: Settings) -> set[str]:
     """Every command this plan may run: stage 1, each arm at every lr its grid and edge
     extensions may reach with either seed (the choices are made later), and the STS7 of each."""
     runs = [stage1_job(s), *(train_job(arm, lr, seed, s) for arm in s.arms
-                             for lr in reachable_lrs(s, arm) for seed in SEEDS)]
+                             for lr in reachable_lrs(s, arm) for seed in s.seeds)]
     return {job.shown() for job in [*runs, *(eval_job(run, s) for run in runs)]}
 
 
@@ -591,7 +609,7 @@ def document(s: Settings, driver: Driver, trained: list[Job], evaluated: list[Jo
             for j in evaluated if j.finished]
     arms = {}
     for arm in s.arms:
-        grid = sorted((r for r in runs if r["arm"] == arm and r["seed"] == SEEDS[0]),
+        grid = sorted((r for r in runs if r["arm"] == arm and r["seed"] == s.seeds[0]),
                       key=lambda r: r["lr"])
         pick = chosen.get(arm)
         evals = [e for e in sts7 if e["arm"] == arm]
@@ -636,7 +654,7 @@ def execute(s: Settings) -> dict[str, Any]:
         lr = edge_lr([j.lr for j in runs], best.lr) if extended[arm] < s.extend_edges else None
         if lr is not None:
             extended[arm] += 1
-            extra = train_job(arm, lr, SEEDS[0], s)
+            extra = train_job(arm, lr, s.seeds[0], s)
             grid.append(extra)
             grid_left[arm].add(extra.key)
             with driver.lock:  # the lanes print the total
@@ -644,10 +662,10 @@ def execute(s: Settings) -> dict[str, Any]:
             return [extra]
         chosen[arm] = best
         ready = [eval_job(best, s)]
-        for sure in surely_best_arms(chosen, s.arms):
+        for sure in surely_best_arms(chosen, s.arms, s.second_seeds):
             if sure not in second:
                 second.append(sure)
-                ready.append(train_job(sure, chosen[sure].lr, SEEDS[1], s))
+                ready.append(train_job(sure, chosen[sure].lr, s.seeds[1], s))
         return ready
 
     def finished(job: Job) -> list[Job]:
@@ -659,7 +677,7 @@ def execute(s: Settings) -> dict[str, Any]:
             trained.append(job)
             if job is stage1:
                 ready = [eval_job(stage1, s), *grid]
-            elif job.seed == SEEDS[1]:
+            elif job.seed == s.seeds[1]:
                 ready = [eval_job(job, s)]
             else:
                 grid_left[job.arm].discard(job.key)
@@ -680,17 +698,18 @@ def dry_run(s: Settings) -> str:
     lines = [f"# {planned_count(s)} jobs; finished ones are skipped, interrupted ones continued",
              f"# 1. the stage-1 checkpoint and its STS7 (reference row){reused}",
              stage1.shown(), eval_job(stage1, s).shown(),
-             f"# 2. the lr grid, seed {SEEDS[0]}, STS-B dev at the end of each run"]
+             f"# 2. the lr grid, seed {s.seeds[0]}, STS-B dev at the end of each run"]
     lines += [j.shown() for j in grid_jobs(s)]
     if s.extend_edges:
         lines.append(f"# an arm whose best dev is its grid's highest (lowest) lr also runs at "
                      f"twice (half) that lr, up to {s.extend_edges} times")
     lines += ["# 3. per arm, STS7 of the run with the best STS-B dev (the test sets choose "
               "nothing), e.g.",
-              eval_job(train_job(s.arms[0], s.grid[s.arms[0]][0], SEEDS[0], s), s).shown(),
-              f"# 4. the two arms with the best dev again with seed {SEEDS[1]} at their chosen "
-              "lr, and their STS7, e.g.",
-              train_job(s.arms[0], s.grid[s.arms[0]][0], SEEDS[1], s).shown()]
+              eval_job(train_job(s.arms[0], s.grid[s.arms[0]][0], s.seeds[0], s), s).shown()]
+    if s.second_seeds:
+        lines += [f"# 4. the {s.second_seeds} arm(s) with the best dev again with seed "
+                  f"{s.seeds[1]} at their chosen lr, and their STS7, e.g.",
+                  train_job(s.arms[0], s.grid[s.arms[0]][0], s.seeds[1], s).shown()]
     return "\n".join(lines)
 
 
@@ -739,6 +758,14 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, bool]:
                         help="an arm whose best STS-B dev is at its grid's highest (lowest) lr "
                              "also trains at twice (half) it, up to N times, so that the chosen "
                              "lr is inside the lrs tried (default 2; 0: the grid as given)")
+    parser.add_argument("--second-seeds", type=int, default=2, metavar="N",
+                        help=f"the N arms with the best STS-B dev also train with seed "
+                        f"{SEEDS[1]} (default 2, the issue's two best arms; 0: one seed, for "
+                        "variants)")
+    parser.add_argument("--seeds", type=int, nargs=2, default=list(SEEDS),
+                        metavar=("GRID", "SECOND"),
+                        help="run.seed of the grid runs and of the second seeds (default "
+                        f"{SEEDS[0]} {SEEDS[1]})")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--out", default=RESULT_NAME,
                         help=f"stem of the results JSON (default {RESULT_NAME}); a variant of the "
@@ -758,6 +785,10 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, bool]:
         parser.error("--lanes must be >= 1")
     if args.extend_edges < 0:
         parser.error("--extend-edges must be >= 0")
+    if args.second_seeds < 0:
+        parser.error("--second-seeds must be >= 0")
+    if args.seeds[0] == args.seeds[1]:
+        parser.error("--seeds takes two different seeds")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.out):
         parser.error(f"--out takes a file stem (letters, digits, _ . -), got {args.out!r}")
     grid = dict(DEFAULT_GRID) | dict(args.grid)
@@ -773,7 +804,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, bool]:
                         overrides=tuple(args.overrides), eval_tasks=args.eval_tasks,
                         eval_batch_size=args.eval_batch_size, results_dir=args.results_dir,
                         lanes=args.lanes, stage1_dir=stage1_dir, out=args.out,
-                        extend_edges=args.extend_edges)
+                        extend_edges=args.extend_edges, second_seeds=args.second_seeds,
+                        seeds=tuple(args.seeds))
     return settings, args.dry_run
 
 

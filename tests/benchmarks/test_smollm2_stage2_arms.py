@@ -339,6 +339,34 @@ def test_a_variant_starts_from_the_studys_stage1_run_and_writes_its_own_json(arm
         "pearson/lr0.0005/seed44", "cosine_mse/lr0.0005/seed44"]
 
 
+def test_a_variant_from_the_controls_run_names_its_command_and_runs_one_seed(arms, tmp_path):
+    """Issue 20's investigation: Pcc-tuning against more contrastive steps, both from the
+    control's checkpoint, with fresh seeds and no second seeds."""
+    assert _main(arms) == 0
+    control = arms.root / "stage1_continued" / "lr0.0002_seed43"
+    study = json.loads((arms.results / "smollm2_stage2_arms.json").read_text())
+    recorded = next(r["command"] for r in study["runs"] if r["run_dir"] == str(control))
+    arms.jobs.clear()
+    assert arms.main(["--root", str(tmp_path / "more"), "--results-dir", str(arms.results),
+                      "--stage1-dir", str(control), "--out", "from_control", "--arms",
+                      "pearson", "stage1_continued", "--grid", "pearson=5e-4", "--grid",
+                      "stage1_continued=2e-4", "--extend-edges", "0", "--second-seeds", "0",
+                      "--seeds", "44", "45"]) == 0
+    # Two runs at seed 44 from the control's folder and their STS7; nothing at seed 45.
+    assert len(arms.jobs) == 4
+    trained = [c for c in arms.jobs if c[0].endswith("pcc-train")]
+    assert [_arg(c, "run.seed=") for c in trained] == ["44", "44"]
+    assert all(_arg(c, "model.name_or_path=") == str(control) for c in trained)
+    variant = json.loads((arms.results / "from_control.json").read_text())
+    assert variant["second_seed_arms"] == [] and variant["plan"]["seeds"] == [44, 45]
+    # The row of the folder it starts from carries the command that trained it, not the
+    # stage-1 recipe's.
+    assert variant["runs"][0]["command"] == recorded
+    assert "smollm2_arm_stage1_continued.yaml" in recorded
+    assert [e["run"] for e in variant["sts7"]] == [
+        "stage1", "pearson/lr0.0005/seed44", "stage1_continued/lr0.0002/seed44"]
+
+
 @pytest.mark.parametrize("subset", [["--arms", "pearson"], ["--max-steps", "2"],
                                     ["--grid", "cosent=5e-4,1e-3"]])
 def test_a_plan_that_would_drop_rows_never_rewrites_the_results_json(arms, subset, capsys):
@@ -426,10 +454,12 @@ def test_its_own_file_takes_a_subset_of_the_study(arms):
 @pytest.mark.parametrize("flag, value, says", [
     ("--stage1-dir", "no/such/run", "not a finished stage-1 run"),
     ("--out", "a/b", "--out takes a file stem"),
-    ("--extend-edges", "-1", "--extend-edges must be >= 0")])
+    ("--extend-edges", "-1", "--extend-edges must be >= 0"),
+    ("--second-seeds", "-1", "--second-seeds must be >= 0"),
+    ("--seeds", "44 44", "--seeds takes two different seeds")])
 def test_bad_variant_flags_are_usage_errors(arms, flag, value, says, capsys):
     with pytest.raises(SystemExit) as info:
-        _main(arms, "--dry-run", flag, value)
+        _main(arms, "--dry-run", flag, *value.split())
     assert info.value.code == 2 and says in capsys.readouterr().err
 
 
