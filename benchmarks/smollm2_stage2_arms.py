@@ -205,31 +205,48 @@ def _with_row(job: Job, s: Settings) -> Job:
     return dataclasses.replace(job, row=s.recorded.get(job.shown()))
 
 
-def _recorded_command(run_dir: Path, s: Settings) -> list[str] | None:
-    """The command that trained ``run_dir`` as a results JSON in ``s.results_dir`` records it
-    (a variant may start from any run of the study, e.g. the control's); None if none does."""
+def start_rows(s: Settings) -> list[dict[str, Any]]:
+    """With ``--stage1-dir``: the rows another results JSON in ``s.results_dir`` holds for that
+    folder, its training run (by ``run_dir``) and its STS7 (by ``pcc-eval --model``), renamed
+    as this plan's ``stage1`` rows. A variant may start from any run of the study (e.g. the
+    control's), and its file then shows the command, seed and wall time that made that folder.
+    Empty without ``--stage1-dir`` or where no JSON records the folder."""
+    if s.stage1_dir is None:
+        return []
+    folder = _relative(str(s.stage1_dir))
+    found: dict[str, dict[str, Any]] = {}
     for path in sorted(s.results_dir.glob("*.json")):
-        for row in json.loads(path.read_text()).get("runs", []):
-            if row.get("run_dir") == _relative(str(run_dir)) and "command" in row:
+        if path.resolve() == s.result_path.resolve():
+            continue
+        document = json.loads(path.read_text())
+        for kind in ("runs", "sts7"):
+            for row in document.get(kind, []):
                 argv = shlex.split(row["command"])
-                return [str(BIN / Path(argv[0]).name), *argv[1:]]
-    return None
+                model = argv[argv.index("--model") + 1] if "--model" in argv else None
+                if "recorded_in" not in row and folder in (row.get("run_dir"), model):
+                    found.setdefault(kind, row | {"run": "stage1", "arm": "stage1",
+                                                  "recorded_in": path.name,
+                                                  "recorded_as": row["run"]})
+    return list(found.values())
 
 
 def stage1_job(s: Settings) -> Job:
     """The run every arm starts from: the stage-1 recipe, or with ``--stage1-dir`` the command
-    a results JSON records for that folder (the recipe's if none does)."""
+    and seed another results JSON records for that folder (:func:`start_rows`)."""
     run_dir = s.stage1
-    command = _recorded_command(run_dir, s) if s.stage1_dir else None
-    if command is None:
-        command = [str(BIN / "pcc-train"), "--config", str(STAGE1_RECIPE),
-                   f"run.output_dir={run_dir}"]
+    recorded = next((row for row in start_rows(s) if "run_dir" in row), None)
+    if recorded is not None:
+        argv = shlex.split(recorded["command"])
+        command, seed = [str(BIN / Path(argv[0]).name), *argv[1:]], recorded["seed"]
+    else:
+        command, seed = [str(BIN / "pcc-train"), "--config", str(STAGE1_RECIPE),
+                         f"run.output_dir={run_dir}"], 42
         if s.stage1_model:
             command.append(f"model.name_or_path={s.stage1_model}")
         if s.max_steps is not None:
             command.append(f"stage1.max_steps={s.max_steps}")
         command += _common_overrides(s)
-    return _with_row(Job("stage1", "stage1", None, 42, run_dir, tuple(command),
+    return _with_row(Job("stage1", "stage1", None, seed, run_dir, tuple(command),
                          run_dir / "results.json"), s)
 
 
@@ -636,6 +653,8 @@ def execute(s: Settings) -> dict[str, Any]:
         earlier = json.loads(s.result_path.read_text())
         check_rows_kept(s, earlier)
         s.recorded = {row["command"]: row for row in earlier["runs"] + earlier["sts7"]}
+    # The folder a variant starts from is described by the file that trained it.
+    s.recorded |= {row["command"]: row for row in start_rows(s)}
     driver = Driver(s)
     trained: list[Job] = []
     evaluated: list[Job] = []

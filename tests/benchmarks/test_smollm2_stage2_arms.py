@@ -345,7 +345,8 @@ def test_a_variant_from_the_controls_run_names_its_command_and_runs_one_seed(arm
     assert _main(arms) == 0
     control = arms.root / "stage1_continued" / "lr0.0002_seed43"
     study = json.loads((arms.results / "smollm2_stage2_arms.json").read_text())
-    recorded = next(r["command"] for r in study["runs"] if r["run_dir"] == str(control))
+    recorded = next(r for r in study["runs"] if r["run_dir"] == str(control))
+    scored = next(e for e in study["sts7"] if e["run"] == recorded["run"])
     arms.jobs.clear()
     assert arms.main(["--root", str(tmp_path / "more"), "--results-dir", str(arms.results),
                       "--stage1-dir", str(control), "--out", "from_control", "--arms",
@@ -359,10 +360,14 @@ def test_a_variant_from_the_controls_run_names_its_command_and_runs_one_seed(arm
     assert all(_arg(c, "model.name_or_path=") == str(control) for c in trained)
     variant = json.loads((arms.results / "from_control.json").read_text())
     assert variant["second_seed_arms"] == [] and variant["plan"]["seeds"] == [44, 45]
-    # The row of the folder it starts from carries the command that trained it, not the
-    # stage-1 recipe's.
-    assert variant["runs"][0]["command"] == recorded
-    assert "smollm2_arm_stage1_continued.yaml" in recorded
+    # The rows of the folder it starts from are the study's rows for it (command, seed, wall
+    # time, scores), named as its stage 1; the recipe's stage-1 command would be wrong there.
+    start, start_sts7 = variant["runs"][0], variant["sts7"][0]
+    assert "smollm2_arm_stage1_continued.yaml" in start["command"]
+    assert start == recorded | {"run": "stage1", "arm": "stage1", "recorded_in":
+                                "smollm2_stage2_arms.json", "recorded_as": recorded["run"]}
+    assert start["seed"] == 43 and start["wall_seconds"] is not None
+    assert start_sts7["avg"] == scored["avg"] and start_sts7["recorded_as"] == recorded["run"]
     assert [e["run"] for e in variant["sts7"]] == [
         "stage1", "pearson/lr0.0005/seed44", "stage1_continued/lr0.0002/seed44"]
 
