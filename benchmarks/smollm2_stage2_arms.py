@@ -220,7 +220,11 @@ def start_rows(s: Settings) -> list[dict[str, Any]]:
             continue
         document = json.loads(path.read_text())
         for kind in ("runs", "sts7"):
-            for row in document.get(kind, []):
+            rows = document.get(kind) if isinstance(document, dict) else None
+            # Other benchmarks' files share the folder: only rows of this driver's shape count.
+            for row in rows if isinstance(rows, list) else []:
+                if not (isinstance(row, dict) and {"run", "command"} <= row.keys()):
+                    continue
                 argv = shlex.split(row["command"])
                 model = argv[argv.index("--model") + 1] if "--model" in argv else None
                 if "recorded_in" not in row and folder in (row.get("run_dir"), model):

@@ -347,6 +347,9 @@ def test_a_variant_from_the_controls_run_names_its_command_and_runs_one_seed(arm
     study = json.loads((arms.results / "smollm2_stage2_arms.json").read_text())
     recorded = next(r for r in study["runs"] if r["run_dir"] == str(control))
     scored = next(e for e in study["sts7"] if e["run"] == recorded["run"])
+    # Other benchmarks' results share the folder, in shapes of their own.
+    (arms.results / "another_benchmark.json").write_text(json.dumps({"runs": [{"steps": 3}]}))
+    (arms.results / "a_list.json").write_text("[1, 2]")
     arms.jobs.clear()
     assert arms.main(["--root", str(tmp_path / "more"), "--results-dir", str(arms.results),
                       "--stage1-dir", str(control), "--out", "from_control", "--arms",
