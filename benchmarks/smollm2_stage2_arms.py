@@ -620,7 +620,9 @@ def check_rows_kept(s: Settings, earlier: dict[str, Any]) -> None:
 def document(s: Settings, driver: Driver, trained: list[Job], evaluated: list[Job],
              chosen: dict[str, Job], second: list[str]) -> dict[str, Any]:
     """The results JSON from the finished jobs so far (recorded rows kept as they were, with
-    what a rebuilt folder held beside them)."""
+    what a rebuilt folder held beside them), then the recorded rows this invocation has not
+    reached yet: the file is rewritten after every job, and a run stopped early must not lose
+    the record of jobs whose folders are not on this machine."""
     cpu = driver.machine["cpu_model"]
     runs = [run_record(j, *driver.walls.get(j.key, (None, False)), cpu)
             for j in trained if j.finished]
@@ -628,6 +630,10 @@ def document(s: Settings, driver: Driver, trained: list[Job], evaluated: list[Jo
             else row for row in runs]
     sts7 = [sts_record(j, driver.walls.get(j.key, (None, False))[0], cpu)
             for j in evaluated if j.finished]
+    reached = {row["command"] for row in runs + sts7}
+    not_reached = [row for row in s.recorded.values() if row["command"] not in reached]
+    runs += [row for row in not_reached if "stsb_dev_spearman" in row]
+    sts7 += [row for row in not_reached if "stsb_dev_spearman" not in row]
     arms = {}
     for arm in s.arms:
         grid = sorted((r for r in runs if r["arm"] == arm and r["seed"] == s.seeds[0]),

@@ -435,6 +435,19 @@ def test_a_fresh_machine_reruns_only_the_folders_a_next_job_reads(arms, capsys, 
     assert _doc(arms)["runs"][0] == stage1_row
 
 
+def test_a_run_stopped_early_on_a_fresh_machine_keeps_every_recorded_row(arms):
+    """The JSON is rewritten after each job; rows the invocation has not reached yet stay."""
+    assert _main(arms, "--arms", "pearson") == 0
+    before = _doc(arms)
+    _fresh_machine(arms)
+    arms.fail = {"pearson/lr0.002_seed43"}  # the new lr fails right after stage 1's rebuild
+    assert _main(arms, "--arms", "pearson", "--grid", "pearson=2e-4,5e-4,1e-3,2e-3") == 1
+    assert [_span_key(c) for c in arms.jobs] == ["arms/stage1", "pearson/lr0.002_seed43"]
+    after = _doc(arms)
+    for kind in ("runs", "sts7"):
+        assert sorted(after[kind], key=str) == sorted(before[kind], key=str)
+
+
 def test_an_sts7_on_a_fresh_machine_first_rebuilds_the_run_it_scores(arms):
     assert _main(arms, "--arms", "pearson") == 0
     _fresh_machine(arms)
