@@ -12,13 +12,15 @@ are ``launchers/configs/smollm2_arms_stage1.yaml`` and ``smollm2_arm_<arm>.yaml`
 Steps, each a ``pcc-train`` / ``pcc-eval`` subprocess from the repository root:
 
 1. the stage-1 checkpoint run (once);
-2. per arm, each lr of its grid (seed 43), scored on STS-B dev at the end of the run; when the
-   best dev sits at the grid's highest (lowest) lr, twice (half) that lr runs too, up to
-   ``--extend-edges`` times (default 2), so that the chosen lr is inside the lrs tried;
+2. per arm, each lr of its grid (seed 43; ``--seeds``), scored on STS-B dev at the end of the
+   run; when the best dev sits at the grid's highest (lowest) lr, twice (half) that lr runs
+   too, up to ``--extend-edges`` times (default 2), so that the chosen lr is inside the lrs
+   tried;
 3. per arm, the lr with the best STS-B dev Spearman (the test sets never choose anything);
    STS7 of that run by ``pcc-eval`` (and of the stage-1 checkpoint, the reference row);
-4. the two arms with the best dev score at their chosen lr again with seed 44, STS7 by
-   ``pcc-eval``; the seed spread per arm is the half range of its two STS7 averages.
+4. the two arms (``--second-seeds``) with the best dev score at their chosen lr again with
+   seed 44, STS7 by ``pcc-eval``; the seed spread per arm is the half range of its two STS7
+   averages.
 
 The grid runs middle lr first, arm by arm (every arm at its grid's middle, then the other lrs),
 so a plan cut short still compares every arm. Every job starts as soon as what it needs has
@@ -49,6 +51,12 @@ Usage:
     python benchmarks/smollm2_stage2_arms.py --root runs/smollm2_arms_b128 --out NAME \
         --stage1-dir runs/smollm2_arms/stage1 --arms pearson cosine_mse \
         -- stage2.global_batch_size=128
+    # both arms again from the control's run, fresh seeds, one seed each (its rows are the
+    # variant's stage-1 rows, copied from the study's JSON):
+    python benchmarks/smollm2_stage2_arms.py --root runs/smollm2_from_control --out NAME \
+        --stage1-dir runs/smollm2_arms/stage1_continued/lr0.002_seed43 \
+        --arms pearson stage1_continued --grid pearson=0.002 --grid stage1_continued=0.002 \
+        --extend-edges 0 --second-seeds 0 --seeds 44 45
 Rerun the same command to continue after an interruption. A results JSON is never rewritten by
 a plan that would drop its rows (fewer arms or lrs, another budget, overrides, root or stage-1
 folder): such a variant names its own file with ``--out``. A plan that extends it (another lr
@@ -584,8 +592,8 @@ def plan(s: Settings) -> dict[str, Any]:
     """What decides the runs and their rows: the results JSON's ``plan``."""
     return {"arms": list(s.arms), "grid": {a: list(s.grid[a]) for a in s.arms},
             "seeds": list(s.seeds), "second_seeds": s.second_seeds, "epochs": s.epochs,
-            "max_steps": s.max_steps,
-            "extend_edges": s.extend_edges, "overrides": list(s.overrides),
+            "max_steps": s.max_steps, "extend_edges": s.extend_edges,
+            "overrides": list(s.overrides),
             "root": _relative(str(s.root)), "stage1": _relative(str(s.stage1))}
 
 
