@@ -182,6 +182,9 @@ class Settings:
     out: str = RESULT_NAME  # the results JSON's stem
     # Rows of the results JSON by command (runs and STS7): what an earlier invocation finished.
     recorded: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # With --stage1-dir: that folder's rows from the JSON that trained it (start_rows), read once
+    # in parse_args because every training job's stage1_job needs them.
+    start: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def stage1(self) -> Path:
@@ -244,9 +247,9 @@ def start_rows(s: Settings) -> list[dict[str, Any]]:
 
 def stage1_job(s: Settings) -> Job:
     """The run every arm starts from: the stage-1 recipe, or with ``--stage1-dir`` the command
-    and seed another results JSON records for that folder (:func:`start_rows`)."""
+    and seed another results JSON records for that folder (``s.start``, :func:`start_rows`)."""
     run_dir = s.stage1
-    recorded = next((row for row in start_rows(s) if "run_dir" in row), None)
+    recorded = next((row for row in s.start if "run_dir" in row), None)
     if recorded is not None:
         argv = shlex.split(recorded["command"])
         command, seed = [str(BIN / Path(argv[0]).name), *argv[1:]], recorded["seed"]
@@ -672,7 +675,7 @@ def execute(s: Settings) -> dict[str, Any]:
         check_rows_kept(s, earlier)
         s.recorded = {row["command"]: row for row in earlier["runs"] + earlier["sts7"]}
     # The folder a variant starts from is described by the file that trained it.
-    s.recorded |= {row["command"]: row for row in start_rows(s)}
+    s.recorded |= {row["command"]: row for row in s.start}
     driver = Driver(s)
     trained: list[Job] = []
     evaluated: list[Job] = []
@@ -843,6 +846,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, bool]:
                         lanes=args.lanes, stage1_dir=stage1_dir, out=args.out,
                         extend_edges=args.extend_edges, second_seeds=args.second_seeds,
                         seeds=tuple(args.seeds))
+    settings.start = start_rows(settings)
     return settings, args.dry_run
 
 
